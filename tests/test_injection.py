@@ -1,0 +1,248 @@
+"""Injection into timm, torchvision and hand-written CNNs: where the sites go, what the model keeps."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import small_cnn
+
+from timm_metaperturb import (
+    NoBlocksError,
+    get_injection,
+    inject_metaperturb,
+    remove_metaperturb,
+    set_perturb_strength,
+)
+
+# model -> (constructor, input size, number of sites, rule, (first site's name, target, position, call))
+MODELS = {
+    "resnet18": (lambda: timm.create_model("resnet18"), 64, 8, "group_matcher", ("layer1.0", "layer1.0.act2", "input", 1)),
+    "resnet50": (lambda: timm.create_model("resnet50"), 64, 16, "group_matcher", ("layer1.0", "layer1.0.act3", "input", 1)),
+    "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), 64, 16, "group_matcher", ("blocks.0.0", "blocks.0.0", "output", 1)),
+    "mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100"), 64, 16, "group_matcher", ("blocks.0.0", "blocks.0.0", "output", 1)),
+    "convnext_atto": (lambda: timm.create_model("convnext_atto"), 64, 12, "group_matcher", ("stages.0.blocks.0", "stages.0.blocks.0", "output", 1)),
+    "regnetx_002": (lambda: timm.create_model("regnetx_002"), 64, 13, "group_matcher", ("s1.b1", "s1.b1.act3", "input", 1)),
+    "densenet121": (lambda: timm.create_model("densenet121"), 64, 58, "group_matcher", ("features.denseblock1.denselayer1", "features.denseblock1.denselayer1", "output", 1)),
+    "vgg11_bn": (lambda: timm.create_model("vgg11_bn"), 64, 8, "conv_runs", ("features.0", "features.2", "input", 1)),
+    "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "containers", ("layer1.0", "layer1.0.relu", "input", 2)),
+    "sequential_cnn": (small_cnn, 32, 2, "conv_runs", ("0", "2", "input", 1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_injection_into_every_family(name, phi):
+    make, size, n_sites, rule, first = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    base_keys = list(model.state_dict())
+    inject_metaperturb(model, phi, input_size=(3, size, size))
+    sites = get_injection(model).site_list
+    assert len(sites) == n_sites
+    assert {s.rule for s in sites} == {rule}
+    assert (sites[0].name, sites[0].target, sites[0].position, sites[0].call) == first
+
+    keys = list(model.state_dict())
+    assert keys[: len(base_keys)] == base_keys
+    assert all(k.startswith("metaperturb.") for k in keys[len(base_keys) :])
+    assert len([k for k in keys if k.startswith("metaperturb.phi.")]) == 6
+
+    x = torch.randn(2, 3, size, size)
+    model.train()
+    model(x).logsumexp(1).sum().backward()
+    assert all(p.grad is None for p in phi.parameters()), "φ is frozen by default"
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("metaperturb"))
+    stats = get_injection(model).sites
+    assert all(not torch.equal(s.running_mean, torch.zeros_like(s.running_mean)) for s in stats.values())
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_sites_perturb_what_they_claim(phi):
+    """Each site changes the network's output, and only while injected."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    clean = model(x)
+    inject_metaperturb(model, phi)
+    assert not torch.allclose(model(x), clean)
+    set_perturb_strength(model, 0.0)
+    torch.testing.assert_close(model(x), clean)
+    remove_metaperturb(model)
+    assert not hasattr(model, "metaperturb")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(model(x), clean)
+
+
+def test_torchvision_shared_relu_is_perturbed_on_its_closing_call_only(phi):
+    """torchvision's BasicBlock runs one ReLU module twice: after bn1 and after the residual sum."""
+    model = inject_metaperturb(torchvision.models.resnet18(), phi, input_size=(3, 64, 64)).eval()
+    block = model.layer1[0]
+    seen, bn = [], {}
+    block.relu.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))  # runs after MetaPerturb's
+    block.bn1.register_forward_hook(lambda m, args, out: bn.update(bn1=out.clone()))
+    block.bn2.register_forward_hook(lambda m, args, out: bn.update(bn2=out.clone()))
+    block.register_forward_pre_hook(lambda m, args: bn.update(x=args[0].clone()))
+    model(torch.randn(2, 3, 64, 64))
+    assert len(seen) == 2
+    assert torch.equal(seen[0], bn["bn1"])  # untouched
+    assert not torch.allclose(seen[1], bn["bn2"] + bn["x"])  # perturbed
+
+
+def test_output_placement_is_selectable(phi):
+    model = inject_metaperturb(timm.create_model("resnet18"), phi, placement="output", input_size=(3, 64, 64))
+    assert all(s.position == "output" and s.target == s.name for s in get_injection(model).site_list)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        inject_metaperturb(timm.create_model("resnet18"), phi, placement="middle")
+
+
+def test_state_dict_round_trip_gives_identical_eval_outputs(phi):
+    torch.manual_seed(0)
+    trained = inject_metaperturb(timm.create_model("resnet20"), phi)
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        trained(torch.randn(8, 3, 32, 32)).logsumexp(1).sum().backward()
+        opt.step()
+    fresh_phi = copy.deepcopy(phi)
+    with torch.no_grad():
+        for p in fresh_phi.parameters():
+            p.zero_()
+    fresh = inject_metaperturb(timm.create_model("resnet20"), fresh_phi)
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for model in (trained.eval(), fresh.eval()):
+        torch.manual_seed(7)
+        outputs.append(model(x))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(
+        fresh.metaperturb.sites["blocks_8"].running_var, trained.metaperturb.sites["blocks_8"].running_var
+    )
+
+
+def test_plain_checkpoint_loads_strictly_into_injected_model(phi):
+    plain = timm.create_model("resnet18")
+    model = inject_metaperturb(timm.create_model("resnet18"), phi, input_size=(3, 64, 64))
+    before = {k: v.clone() for k, v in model.metaperturb.state_dict().items()}
+    model.load_state_dict(plain.state_dict())  # strict
+    assert all(torch.equal(v, model.metaperturb.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(model.conv1.weight, plain.conv1.weight)
+    partial = model.state_dict()
+    del partial["metaperturb.phi.scale_kernels"]
+    with pytest.raises(RuntimeError, match=r"metaperturb.phi.scale_kernels"):
+        model.load_state_dict(partial)
+
+
+def test_deepcopy_carries_a_working_injection(phi):
+    model = inject_metaperturb(timm.create_model("resnet20"), phi)
+    clone = copy.deepcopy(model).train()
+    clone(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(clone.metaperturb.sites["blocks_0"].running_mean, torch.zeros(16, 4))
+    assert torch.equal(model.metaperturb.sites["blocks_0"].running_mean, torch.zeros(16, 4))
+
+
+def test_phi_is_frozen_and_the_optimizer_leaves_it(phi):
+    model = inject_metaperturb(timm.create_model("resnet20"), phi)
+    before = copy.deepcopy(phi.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert all(torch.equal(v, phi.state_dict()[k]) for k, v in before.items())
+    assert {n for n, p in model.named_parameters() if p.requires_grad}.isdisjoint(
+        {f"metaperturb.phi.{n}" for n, _ in phi.named_parameters()}
+    )
+
+    trainable = inject_metaperturb(timm.create_model("resnet20"), copy.deepcopy(phi), train_phi=True)
+    trainable(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.metaperturb.phi.parameters())
+
+
+def test_strength_is_validated(phi):
+    model = inject_metaperturb(timm.create_model("resnet20"), phi)
+    set_perturb_strength(model, 0.25)
+    assert model.metaperturb.strength == 0.25
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        set_perturb_strength(model, 1.5)
+    with pytest.raises(ValueError, match="has no MetaPerturb"):
+        set_perturb_strength(timm.create_model("resnet20"), 0.5)
+
+
+def test_batch_of_one_in_training_is_finite(phi):
+    model = inject_metaperturb(timm.create_model("resnet20"), phi).train()
+    model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_bfloat16_autocast_is_finite(phi):
+    model = inject_metaperturb(timm.create_model("resnet20"), phi).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+
+
+def test_nan_input_in_training_names_the_site(phi):
+    model = inject_metaperturb(timm.create_model("conv4"), phi).train()
+    x = torch.randn(4, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"site 'blocks.0'"):
+        model(x)
+
+
+def test_user_given_blocks(phi):
+    regex = inject_metaperturb(timm.create_model("resnet18"), phi, blocks=r"layer\d", input_size=(3, 64, 64))
+    assert [s.name for s in get_injection(regex).site_list] == ["layer1", "layer2", "layer3", "layer4"]
+    names = inject_metaperturb(timm.create_model("resnet18"), phi, blocks=["layer2.1"], input_size=(3, 64, 64))
+    assert [s.target for s in get_injection(names).site_list] == ["layer2.1.act2"]
+    from timm.models.resnet import Bottleneck
+
+    types = inject_metaperturb(timm.create_model("resnet50"), phi, blocks=Bottleneck, input_size=(3, 64, 64))
+    assert len(get_injection(types).site_list) == 16
+    with pytest.raises(ValueError, match=r"does not have.*layer9"):
+        inject_metaperturb(timm.create_model("resnet18"), phi, blocks=["layer9"])
+    with pytest.raises(ValueError, match="contain other selected"):
+        inject_metaperturb(timm.create_model("resnet18"), phi, blocks=["layer1", "layer1.0"])
+    with pytest.raises(NoBlocksError, match="matched no module"):
+        inject_metaperturb(timm.create_model("resnet18"), phi, blocks=r"nothing\d")
+
+
+def test_vit_gets_a_clear_error(phi):
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    with pytest.raises(NoBlocksError, match=r"found no blocks.*patch_embed.proj.*blocks="):
+        inject_metaperturb(vit, phi)
+    with pytest.raises(ValueError, match=r"outputs \(2, 17, 192\), not a \(B, C, H, W\) feature map"):
+        inject_metaperturb(vit, phi, blocks=r"blocks\.\d+", input_size=(3, 32, 32))
+
+
+def test_model_without_convolutions_gets_a_clear_error(phi):
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(NoBlocksError, match="has no Conv2d layers"):
+        inject_metaperturb(mlp, phi, input_size=(3, 2, 2))
+
+
+def test_bad_arguments(phi):
+    with pytest.raises(TypeError, match=r"needs a torch.nn.Module"):
+        inject_metaperturb("resnet18", phi)
+    with pytest.raises(ValueError, match=r"Pass input_size=\(C, H, W\)"):
+        inject_metaperturb(small_cnn(), phi)  # built for 32x32, probed at the default 224x224
+    model = inject_metaperturb(small_cnn(), phi, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match="already has MetaPerturb"):
+        inject_metaperturb(model, phi, input_size=(3, 32, 32))
+    with pytest.raises(TypeError, match="phi= takes"):
+        inject_metaperturb(small_cnn(), 3.0, input_size=(3, 32, 32))
+
+
+def test_probe_leaves_model_state_and_rng_untouched(phi):
+    model = timm.create_model("resnet20").train()
+    model.blocks[0].eval()
+    bn_before = model.blocks[0].bn1.running_mean.clone()
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    inject_metaperturb(model, phi)
+    assert torch.equal(torch.rand(1), expected)
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+    assert torch.equal(model.blocks[0].bn1.running_mean, bn_before)

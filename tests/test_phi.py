@@ -1,0 +1,165 @@
+"""φ itself: its parameters, the formulas (against the authors' checkpoint), its statistics and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_metaperturb import MetaPerturb, SiteStatistics, load_official_checkpoint
+
+
+def reference_perturbation(state, h, eps, mean_var=None, k=1.0, c_norm=64.0, s_norm=32.0, clip=100.0):
+    """The reference computation written out from the formulas: depthwise convolutions with the shared kernels
+    repeated per channel, a grouped convolution with 4C outputs for the scale statistics."""
+    b, c, height, _ = h.shape
+
+    def depthwise(x, kernel):
+        return F.conv2d(x, kernel.repeat(c, 1, 1, 1), padding=1, groups=c)
+
+    def equivariant(x, w_identity, w_all):
+        return depthwise(x, w_identity) + F.conv2d(x.mean(1, keepdim=True), w_all, padding=1)
+
+    a = equivariant(
+        F.relu(equivariant(h, state["phi_1.w_identity"], state["phi_1.w_all"])),
+        *(state["phi_2.w_identity"], state["phi_2.w_all"]),
+    )
+    z = F.softplus(a + eps)
+    if mean_var is None:
+        f = F.relu(F.conv2d(h, state["kernel"].repeat(c, 1, 1, 1), padding=1, groups=c)).mean((2, 3)).view(b, c, 4)
+        mean_var = f.mean(0), f.var(0, unbiased=True)
+    mean, var = mean_var
+    sizes = torch.tensor([[c / c_norm, height / s_norm]]).expand(c, 2)
+    s = torch.sigmoid(torch.cat([mean, var, sizes], 1) @ state["fc.weight"].t()).view(1, c, 1, 1)
+    m = (s * z - 1) * k + 1
+    return torch.clamp(m * h, max=clip), mean_var
+
+
+def test_phi_has_82_parameters():
+    phi = MetaPerturb()
+    assert sum(p.numel() for p in phi.parameters()) == 82
+    assert {n: tuple(p.shape) for n, p in phi.named_parameters()} == {
+        "noise1.weight_self": (1, 1, 3, 3),
+        "noise1.weight_mean": (1, 1, 3, 3),
+        "noise2.weight_self": (1, 1, 3, 3),
+        "noise2.weight_mean": (1, 1, 3, 3),
+        "scale_kernels": (4, 1, 3, 3),
+        "scale_fc.weight": (1, 10),
+    }
+
+
+def test_official_checkpoint_recomputed_from_the_formulas(official_phi_path):
+    state = torch.load(official_phi_path, map_location="cpu", weights_only=True)
+    phi = load_official_checkpoint(official_phi_path)
+    torch.manual_seed(0)
+    h, eps = torch.randn(8, 16, 12, 12) * 2, torch.randn(8, 16, 12, 12)
+    stats = SiteStatistics(16, 4).train()
+
+    out = phi(h, stats, strength=0.7, noise=eps)
+    expected, (mean, var) = reference_perturbation(state, h, eps, k=0.7)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # running estimates: momentum 0.1 from (0, 1), unbiased variance
+    torch.testing.assert_close(stats.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.running_var, 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+
+    stats.eval()
+    h2 = torch.randn(3, 16, 12, 12)
+    out_eval = phi(h2, stats, noise=eps[:3])
+    expected_eval, _ = reference_perturbation(state, h2, eps[:3], (stats.running_mean, stats.running_var))
+    torch.testing.assert_close(out_eval, expected_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_official_checkpoint_with_wrong_keys_fails(tmp_path, official_phi_path):
+    state = torch.load(official_phi_path, map_location="cpu", weights_only=True)
+    del state["kernel"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing.*kernel"):
+        load_official_checkpoint(tmp_path / "broken.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_official_checkpoint(tmp_path / "list.pth")
+
+
+def test_noise_mean_and_scale_are_channel_permutation_equivariant(phi):
+    torch.manual_seed(1)
+    h = torch.randn(4, 10, 9, 9)
+    perm = torch.randperm(10)
+    torch.testing.assert_close(phi.noise_logits(h[:, perm]), phi.noise_logits(h)[:, perm], rtol=1e-5, atol=1e-6)
+    mean, var = phi.channel_statistics(h, None)
+    mean_p, var_p = phi.channel_statistics(h[:, perm], None)
+    torch.testing.assert_close(phi.scale(mean_p, var_p, 9), phi.scale(mean, var, 9)[perm])
+
+
+def test_noise_is_softplus_of_unit_gaussian(phi):
+    """With s = 1/2 (fc zeroed) and h = 1, the output is m = softplus(a + eps) / 2: inverting it recovers
+    eps, which must be standard normal."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        phi.scale_fc.weight.zero_()
+    h = torch.ones(8, 3, 64, 64)
+    m = phi(h, None)
+    eps = torch.log(torch.expm1(2 * m)) - phi.noise_logits(h)
+    assert abs(eps.mean().item()) < 0.01 and abs(eps.std().item() - 1) < 0.01
+
+
+def test_strength_zero_is_identity_below_clip(phi):
+    h = torch.randn(4, 5, 6, 6)
+    torch.testing.assert_close(phi(h, None, strength=0.0), h)
+
+
+def test_output_is_clipped(phi):
+    h = torch.full((2, 3, 4, 4), 1e4)
+    assert phi(h, None).max() <= phi.clip
+
+
+def test_batch_of_one_uses_running_statistics(phi):
+    stats = SiteStatistics(5, 4).train()
+    before = stats.running_mean.clone(), stats.running_var.clone()
+    eps = torch.randn(1, 5, 6, 6)
+    h = torch.randn(1, 5, 6, 6)
+    out = phi(h, stats, noise=eps)
+    assert torch.isfinite(out).all()
+    assert torch.equal(stats.running_mean, before[0]) and torch.equal(stats.running_var, before[1])
+    torch.testing.assert_close(out, phi(h, stats.eval(), noise=eps))
+    with pytest.raises(ValueError, match="batch of 1"):
+        phi(h, None)
+
+
+def test_non_finite_input_in_training_fails_and_keeps_statistics(phi):
+    stats = SiteStatistics(5, 4).train()
+    h = torch.randn(4, 5, 6, 6)
+    h[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"site 'layer1'.*non-finite"):
+        phi(h, stats, site="layer1")
+    assert torch.equal(stats.running_mean, torch.zeros(5, 4)) and torch.equal(stats.running_var, torch.ones(5, 4))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 8, 8), (4, 7, 1, 1), (2, 1, 1, 1)])
+def test_one_channel_and_1x1_maps_are_finite(phi, shape):
+    stats = SiteStatistics(shape[1], 4).train()
+    out = phi(torch.randn(shape), stats)
+    assert out.shape == shape and torch.isfinite(out).all()
+    assert torch.isfinite(phi(torch.randn(shape), stats.eval())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_float32(phi, dtype):
+    h = torch.randn(4, 6, 8, 8)
+    eps = torch.randn(4, 6, 8, 8)
+    out = phi(h.to(dtype), None, noise=eps)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), phi(h.to(dtype).float(), None, noise=eps), rtol=1e-2, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = phi(h, None, noise=eps)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, phi(h, None, noise=eps))
+
+
+def test_phi_of_half_precision_is_finite(phi):
+    half = MetaPerturb().half()
+    half.load_state_dict(phi.state_dict())
+    h = torch.randn(4, 6, 8, 8).half()
+    assert torch.isfinite(half(h, None)).all()
+
+
+def test_not_a_feature_map_fails(phi):
+    with pytest.raises(ValueError, match="4-D"):
+        phi(torch.randn(4, 10), None)

@@ -1,0 +1,42 @@
+"""timm-metaperturb: MetaPerturb, a meta-learned perturbation regularizer, for any timm or PyTorch CNN.
+
+- `MetaPerturb` (phi.py): the 82-parameter perturbation function φ.
+- `inject_metaperturb` / `remove_metaperturb` (injection.py): put φ after every block of any CNN; the blocks
+  come from `discovery.py`.
+- `create_model` (factory.py): timm's create_model with `metaperturb=True`.
+- `models/`: the paper's networks, registered in timm (resnet20/32/44/56, wrn28_2, conv4, conv6, vgg9).
+"""
+
+from . import models
+from .discovery import NoBlocksError, Site, discover_sites, find_block_scopes
+from .factory import create_model
+from .injection import (
+    MetaPerturbInjection,
+    get_injection,
+    inject_metaperturb,
+    remove_metaperturb,
+    set_perturb_strength,
+)
+from .loading import load_phi
+from .official_checkpoint import load_official_checkpoint
+from .phi import MetaPerturb, SiteStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MetaPerturb",
+    "MetaPerturbInjection",
+    "NoBlocksError",
+    "Site",
+    "SiteStatistics",
+    "create_model",
+    "discover_sites",
+    "find_block_scopes",
+    "get_injection",
+    "inject_metaperturb",
+    "load_official_checkpoint",
+    "load_phi",
+    "models",
+    "remove_metaperturb",
+    "set_perturb_strength",
+]

@@ -1,0 +1,340 @@
+"""Where MetaPerturb goes: a network's blocks, and the point inside each block that φ perturbs.
+
+Blocks are found by the first of these rules that finds any (or taken from the user's `blocks=`):
+
+1. `group_matcher`: a timm model's `group_matcher(coarse=False)["blocks"]` patterns that stand for repeated
+   blocks (ordinal None), keeping the matched modules that hold a Conv2d and have children.
+2. `containers`: modules with children that hold a Conv2d and sit in an nn.Sequential / ModuleList /
+   ModuleDict (the way torchvision and hand-written networks stack blocks), innermost ones only.
+3. `conv_runs`: in a flat nn.Sequential (VGG, hand-written stacks) or directly in the model, each Conv2d with
+   the norm and activation layers that follow it is one block.
+
+A probe forward (batch of 2, eval mode, no grad, its own random generator) then records, for every block,
+the leaf modules it runs in order and their shapes. With `placement="pre_activation"` (the default, the
+authors' choice: after the residual addition, before the block's final ReLU) φ perturbs the input of the
+block's closing activation, that is the last activation run in the block when only parameter-free layers
+(pooling, dropout, identity) follow it, and the block's output when there is none. `placement="output"`
+always perturbs the block's output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+PLACEMENTS = ("pre_activation", "output")
+ACTIVATION_MODULES = (
+    "torch.nn.modules.activation",
+    "timm.layers.activations",
+    "timm.layers.activations_me",
+)
+NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+
+BlocksSpec = str | Sequence[str] | type | tuple[type, ...] | None
+
+
+class NoBlocksError(ValueError):
+    """The discovery rules found no block to perturb in a model."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The modules of one block: a single module, or a run of siblings (conv, norm, activation)."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One injection site: φ perturbs the input or output of `target`, on the `call`-th call of `target`
+    within one pass through the block that runs from module `scope[0]` to module `scope[1]`."""
+
+    name: str
+    target: str
+    position: str  # "input" or "output"
+    call: int
+    scope: tuple[str, str]
+    channels: int
+    rule: str
+
+    @property
+    def key(self) -> str:
+        """The site's key under `model.metaperturb.sites` (module names cannot hold dots)."""
+        return self.name.replace(".", "_")
+
+
+def is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ in ACTIVATION_MODULES and not isinstance(module, NOT_ACTIVATIONS)
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+
+
+def _is_block(module: nn.Module) -> bool:
+    return not is_leaf(module) and has_conv(module)
+
+
+def _innermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(o.startswith(n + ".") for o in names)]
+
+
+def _full_match(pattern: str, name: str) -> bool:
+    match = re.match(pattern, name)
+    return match is not None and match.end() == len(name)
+
+
+# -- the rules ----------------------------------------------------------------------------------------------
+
+
+def _group_matcher_blocks(model: nn.Module) -> list[str]:
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        return []
+    try:
+        groups = matcher(coarse=False)
+    except Exception:  # a family whose matcher needs other arguments: the next rule decides
+        return []
+    spec = groups.get("blocks") if isinstance(groups, dict) else None
+    if isinstance(spec, str):
+        patterns = [spec]
+    elif isinstance(spec, (list, tuple)):
+        patterns = [p[0] for p in spec if isinstance(p, (list, tuple)) and len(p) == 2 and p[1] is None]
+    else:  # a callable (inception_v3) or no "blocks" key (hrnet's "block_types")
+        return []
+    names = [n for n, m in model.named_modules() if n and _is_block(m) and any(_full_match(p, n) for p in patterns)]
+    return _innermost(names)
+
+
+def _container_blocks(model: nn.Module) -> list[str]:
+    names = [
+        f"{parent_name}.{child_name}" if parent_name else child_name
+        for parent_name, parent in model.named_modules()
+        if isinstance(parent, CONTAINERS)
+        for child_name, child in parent.named_children()
+        if _is_block(child)
+    ]
+    return _innermost(names)
+
+
+def _conv_runs(model: nn.Module) -> list[Scope]:
+    runs = []
+    for parent_name, parent in model.named_modules():
+        if parent is not model and not isinstance(parent, nn.Sequential):
+            continue
+        run: list[str] = []
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Conv2d):
+                run = [name]
+                runs.append(run)
+            elif run and (isinstance(child, NORMS) or is_activation(child)):
+                run.append(name)
+            else:
+                run = []
+    return [Scope(r[0], tuple(r)) for r in runs]
+
+
+def _user_blocks(model: nn.Module, blocks: BlocksSpec) -> list[str]:
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if isinstance(blocks, str):
+        names = [n for n, _ in named if _full_match(blocks, n)]
+        what = f"regex {blocks!r}"
+    elif isinstance(blocks, type) or (isinstance(blocks, tuple) and all(isinstance(b, type) for b in blocks)):
+        names = [n for n, m in named if isinstance(m, blocks)]
+        what = f"module types {blocks}"
+    elif isinstance(blocks, Sequence) and all(isinstance(b, str) for b in blocks):
+        known = dict(named)
+        unknown = [b for b in blocks if b not in known]
+        if unknown:
+            raise ValueError(f"blocks= names modules that {type(model).__name__} does not have: {unknown}")
+        names, what = list(blocks), "names"
+    else:
+        raise TypeError(
+            "blocks= takes module names (a list of str), a regex matched against module names (str) or "
+            f"module types (a type or tuple of types), got {type(blocks).__name__}"
+        )
+    if not names:
+        raise NoBlocksError(f"blocks= {what} matched no module of {type(model).__name__}")
+    nested = [n for n in names if any(o.startswith(n + ".") for o in names)]
+    if nested:
+        raise ValueError(f"blocks= selects modules that contain other selected modules: {nested}")
+    return names
+
+
+def find_block_scopes(model: nn.Module, blocks: BlocksSpec = None) -> tuple[list[Scope], str]:
+    """The blocks of `model` and the name of the rule that found them (see the module docstring)."""
+    if blocks is not None:
+        return [Scope(n, (n,)) for n in _user_blocks(model, blocks)], "given"
+    for rule, find in (("group_matcher", _group_matcher_blocks), ("containers", _container_blocks)):
+        names = find(model)
+        if names:
+            return [Scope(n, (n,)) for n in names], rule
+    runs = _conv_runs(model)
+    if runs:
+        return runs, "conv_runs"
+    raise NoBlocksError(_no_blocks_message(model))
+
+
+def _no_blocks_message(model: nn.Module) -> str:
+    kind = type(model).__name__
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    how = (
+        "pass blocks= as a list of module names, a regex matched against module names, or block module types "
+        "whose outputs are (B, C, H, W) feature maps"
+    )
+    if not convs:
+        return (
+            f"{kind} has no Conv2d layers, so it has no convolutional (B, C, H, W) feature maps for MetaPerturb "
+            f"to perturb (transformers and MLPs are not supported); if it does have 4-D feature maps, {how}"
+        )
+    return (
+        f"found no blocks in {kind}: no timm group_matcher blocks holding a Conv2d, no conv-holding module "
+        f"inside an nn.Sequential/ModuleList/ModuleDict, no Conv2d directly in an nn.Sequential. Its Conv2d "
+        f"layers are {', '.join(convs[:5])}{' ...' if len(convs) > 5 else ''}. To perturb after your blocks, {how}"
+    )
+
+
+# -- the probe -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ScopeRecord:
+    leaves: list[tuple[str, tuple | None]] = field(default_factory=list)  # (leaf name, input shape) in run order
+    output: object = None
+    done: bool = False
+
+
+def _shape(x: object) -> tuple | None:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) a timm model declares in its pretrained config, else ImageNet's (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def _probe(model: nn.Module, scopes: list[Scope], input_size: tuple[int, ...]) -> dict[str, _ScopeRecord]:
+    modules = dict(model.named_modules())
+    records = {s.name: _ScopeRecord() for s in scopes}
+    active: list[str | None] = [None]
+    handles = []
+
+    def enter(name):
+        def hook(module, args):
+            if not records[name].done:
+                active[0] = name
+
+        return hook
+
+    def leave(name):
+        def hook(module, args, output):
+            if active[0] == name:
+                records[name].output, records[name].done, active[0] = output, True, None
+
+        return hook
+
+    def leaf_ran(scope_name, leaf_name):
+        def hook(module, args, output):
+            if active[0] == scope_name:
+                records[scope_name].leaves.append((leaf_name, _shape(args[0]) if args else None))
+
+        return hook
+
+    for s in scopes:
+        handles.append(modules[s.modules[0]].register_forward_pre_hook(enter(s.name)))
+        for member in s.modules:
+            for leaf_name, leaf in modules[member].named_modules(prefix=member):
+                if is_leaf(leaf):
+                    handles.append(leaf.register_forward_hook(leaf_ran(s.name, leaf_name)))
+        handles.append(modules[s.modules[-1]].register_forward_hook(leave(s.name)))
+
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    flags = {m: m.training for m in model.modules()}
+    x = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        raise ValueError(
+            f"MetaPerturb probes {type(model).__name__} with one forward pass of a dummy batch of shape "
+            f"{tuple(x.shape)} to find its blocks' channels and closing activations, and that forward failed: "
+            f"{type(e).__name__}: {str(e).rstrip('.')}. Pass input_size=(C, H, W) that the model accepts."
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in flags.items():
+            m.training = training
+    return records
+
+
+def _closing_activation(leaves: list[tuple[str, tuple | None]], modules: dict[str, nn.Module]):
+    """(name, call, input shape) of the last activation run, if only parameter-free leaves run after it."""
+    for i in range(len(leaves) - 1, -1, -1):
+        name, in_shape = leaves[i]
+        if is_activation(modules[name]):
+            call = sum(1 for n, _ in leaves[: i + 1] if n == name)
+            return name, call, in_shape
+        if _has_state(modules[name]):
+            return None
+    return None
+
+
+def discover_sites(
+    model: nn.Module,
+    blocks: BlocksSpec = None,
+    placement: str = "pre_activation",
+    input_size: tuple[int, ...] | None = None,
+) -> list[Site]:
+    """Find the blocks of `model` and probe it once to place one site in each."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    scopes, rule = find_block_scopes(model, blocks)
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
+    records = _probe(model, scopes, input_size)
+    modules = dict(model.named_modules())
+    sites = []
+    for s in scopes:
+        record = records[s.name]
+        if not record.done:
+            raise ValueError(
+                f"block '{s.name}' of {type(model).__name__} did not run in a forward pass; pass blocks= with "
+                "modules that the forward uses"
+            )
+        out_shape = _shape(record.output)
+        if out_shape is None or len(out_shape) != 4:
+            raise ValueError(
+                f"block '{s.name}' ({type(modules[s.modules[-1]]).__name__}) outputs "
+                f"{out_shape or type(record.output).__name__}, not a (B, C, H, W) feature map: MetaPerturb perturbs "
+                "convolutional feature maps; pass blocks= with modules whose outputs are 4-D"
+            )
+        closing = _closing_activation(record.leaves, modules) if placement == "pre_activation" else None
+        if closing is not None and closing[2] is not None and len(closing[2]) == 4:
+            target, call, shape, position = closing[0], closing[1], closing[2], "input"
+        else:
+            target, call, shape, position = s.modules[-1], 1, out_shape, "output"
+        sites.append(Site(s.name, target, position, call, (s.modules[0], s.modules[-1]), shape[1], rule))
+    keys = [site.key for site in sites]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"two sites share a key after replacing dots by underscores: {keys}")
+    return sites
