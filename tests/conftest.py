@@ -45,3 +45,38 @@ def small_cnn() -> torch.nn.Sequential:
         torch.nn.Flatten(),
         torch.nn.Linear(16 * 8 * 8, 10),
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code_or_args, env: dict | None = None, timeout: int = 300):
+    """Run Python code (a str) or a script with arguments (a list) in a fresh interpreter, as a user would."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(map(str, code_or_args))
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def hub_server():
+    from hub_server import HubServer
+
+    server = HubServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub_env(hub_server, tmp_path) -> dict:
+    """Environment that points huggingface_hub at the local server, with a fresh cache."""
+    return {"HF_ENDPOINT": hub_server.url, "HF_HOME": str(tmp_path / "hf_home")}

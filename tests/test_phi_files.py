@@ -11,7 +11,8 @@ from timm_metaperturb import MetaPerturb
 
 def test_folder_and_file_round_trip_is_bit_exact(tmp_path, phi):
     phi.save_pretrained(tmp_path / "phi")
-    assert json.loads((tmp_path / "phi" / "config.json").read_text()) == phi.config
+    config = json.loads((tmp_path / "phi" / "config.json").read_text())
+    assert config == {"format_version": 1, **phi.config, "provenance": {}}
     for source in (tmp_path / "phi", tmp_path / "phi" / "model.safetensors"):
         loaded = MetaPerturb.from_pretrained(source)
         assert loaded.config == phi.config

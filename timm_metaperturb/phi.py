@@ -14,18 +14,11 @@ of f are replaced by running estimates (one set per injection site, see `SiteSta
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelHubMixin, hf_hub_download
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .hub import PhiHubMixin
 
 
 def shared_depthwise_conv(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -76,10 +69,9 @@ class SiteStatistics(nn.Module):
 
 class MetaPerturb(
     nn.Module,
-    ModelHubMixin,
+    PhiHubMixin,
     library_name="timm-metaperturb",
     tags=["metaperturb", "timm", "regularization", "image-classification"],
-    repo_url="https://github.com/timm-metaperturb/timm-metaperturb",
     license="apache-2.0",
 ):
     """The perturbation function φ (Ryu et al., "MetaPerturb", NeurIPS 2020).
@@ -111,6 +103,7 @@ class MetaPerturb(
         self.channel_norm = float(channel_norm)
         self.spatial_norm = float(spatial_norm)
         self.momentum = float(momentum)
+        self.provenance: dict = {}  # how this φ was made: source data, network, steps, command, results
         self.noise1 = EquivariantConv2d(kernel_size)
         self.noise2 = EquivariantConv2d(kernel_size)
         self.scale_kernels = nn.Parameter(torch.empty(h_dim, 1, kernel_size, kernel_size))
@@ -210,90 +203,3 @@ class MetaPerturb(
             m = (s.view(1, -1, 1, 1) * z - 1.0) * strength + 1.0
             out = torch.clamp(m * x, max=self.clip)
         return out.to(h.dtype)
-
-    # -- persistence: safetensors + config.json, never a pickle -------------------------------------------
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(Path(save_directory) / WEIGHTS_NAME), metadata={"config": json.dumps(self.config)})
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> MetaPerturb:
-        """Load φ from a folder, a single `.safetensors` file, or a Hub repo id."""
-        path = Path(pretrained_model_name_or_path)
-        if path.is_file():
-            return cls.from_safetensors_file(path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def from_safetensors_file(cls, path: str | os.PathLike) -> MetaPerturb:
-        """Load φ from one `.safetensors` file whose metadata carries its config."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "config" not in metadata:
-            raise ValueError(
-                f"{path} has no MetaPerturb config in its safetensors metadata; save φ with save_pretrained() "
-                "or load the folder that holds config.json beside the weights"
-            )
-        phi = cls(**json.loads(metadata["config"]))
-        phi.load_weights(path)
-        return phi
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        **model_kwargs,
-    ) -> MetaPerturb:
-        phi = cls(**model_kwargs)
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, WEIGHTS_NAME)
-        else:
-            weights = hf_hub_download(
-                repo_id=model_id,
-                filename=WEIGHTS_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
-        phi.load_weights(weights)
-        return phi
-
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Strictly load a safetensors file: a missing, extra or mis-shaped tensor is an error, never ignored."""
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-            raise ValueError(f"could not read φ weights from {path}: {e}. Is it a safetensors file?") from e
-        self.load_state_dict_strict(state, source=str(path))
-
-    def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """load_state_dict that names every missing, unexpected and mis-shaped tensor of `source`."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mis_shaped = [
-            f"{k}: {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or mis_shaped:
-            problems = [
-                f"{label}: {', '.join(items)}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-                if items
-            ]
-            raise ValueError(f"{source} does not hold a φ with config {self.config}: " + "; ".join(problems))
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(state[k])

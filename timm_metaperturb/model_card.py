@@ -1,0 +1,107 @@
+"""The model card (README.md) of a φ: Hub metadata, what φ is, how it was made, how it transfers, how to use it.
+
+What the card says of a φ's origin comes from `phi.provenance`, a JSON-able dict saved in config.json:
+`title`, `origin`, `source_dataset`, `dataset_id` (a Hub dataset id, for the metadata), `source_classes`,
+`tasks`, `source_model`, `steps`, `seed`, `command`, `wall_time`, `machine`, `notes`, and `results`, a list of
+rows (dicts with the same keys) of transfer results, each saying whether it was measured or reported.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard, ModelCardData
+
+MADE_BY = (
+    ("origin", "origin"),
+    ("source_dataset", "source dataset"),
+    ("source_classes", "source classes"),
+    ("tasks", "meta-training tasks"),
+    ("source_model", "source network"),
+    ("steps", "meta-training steps"),
+    ("seed", "seed"),
+    ("wall_time", "wall time"),
+    ("machine", "machine"),
+    ("command", "command"),
+)
+
+CITATION = """@inproceedings{ryu2020metaperturb,
+  title={MetaPerturb: Transferable Regularizer for Heterogeneous Tasks and Architectures},
+  author={Ryu, Jeongun and Shin, Jaewoong and Lee, Hae Beom and Hwang, Sung Ju},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2020}
+}"""
+
+
+def _table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def phi_model_card(phi, phi_source: str) -> ModelCard:
+    """The card of `phi`, whose usage snippet loads it from `phi_source` (a Hub repo id or a folder)."""
+    info = dict(phi.provenance)
+    base = type(phi)._hub_mixin_info.model_card_data.to_dict()
+    data = ModelCardData(
+        library_name=base["library_name"],
+        license=base["license"],
+        tags=sorted(set(base["tags"]) - {"model_hub_mixin"}),
+        datasets=[info["dataset_id"]] if info.get("dataset_id") else None,
+    )
+    made = [f"| {label} | {_cell(info[key])} |" for key, label in MADE_BY if info.get(key) not in (None, "")]
+    made_table = "\n".join(["| | |", "| --- | --- |", *made]) if made else "Not recorded."
+    results = _table(info["results"]) if info.get("results") else "No transfer results recorded for this φ yet."
+    config = ", ".join(f"`{k}={v}`" for k, v in phi.config.items())
+    body = f"""
+# {info.get("title", "MetaPerturb φ")}
+
+A MetaPerturb perturbation function φ (Ryu et al., NeurIPS 2020): {sum(p.numel() for p in phi.parameters())}
+parameters, shared by every block of a CNN. After each block it multiplies the feature map by input-dependent
+softplus noise (from a channel-permutation-equivariant 3x3 set function) times a per-channel scale in [0, 1]
+(from batch statistics in training, running estimates at eval). φ is meta-learned once on a source dataset and
+then transferred, frozen, to new datasets and architectures as a regularizer with no hyperparameters to tune.
+
+Configuration: {config}.
+
+## How it was made
+
+{made_table}
+{chr(10) + info["notes"] + chr(10) if info.get("notes") else ""}
+## Transfer results
+
+{results}
+
+## Usage
+
+```bash
+pip install timm-metaperturb
+```
+
+```python
+import timm_metaperturb as tm
+
+# the paper's ResNet-20 (any timm CNN works) with φ after every block
+model = tm.create_model("resnet20", num_classes=10, metaperturb=True, phi="{phi_source}")
+print(len(tm.get_injection(model).site_list), "sites")
+```
+
+φ stays frozen: train the network as usual, annealing the perturbation strength with
+`tm.set_perturb_strength(model, k)` from 0 to 1 over the first 40% of the steps.
+
+## Files
+
+- `model.safetensors`: φ's weights (also carries `config.json` in its metadata).
+- `config.json`: φ's configuration, format version and provenance.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _cell(value) -> str:
+    text = str(value)
+    return f"`{text}`" if "--" in text or text.startswith(("python", "accelerate")) else text
