@@ -1,0 +1,86 @@
+"""Meta-training end to end: real `accelerate launch` with 2 CPU processes, resume, bad input."""
+
+import json
+import socket
+
+import pytest
+import torch
+from conftest import run_python
+from test_data import make_image_folder
+
+from timm_metaperturb import MetaPerturb
+
+TINY = ["--model", "conv4", "--image-size", "16", "--batch-size", "8", "--groups", "2", "--log-every", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _phi(folder) -> dict:
+    return MetaPerturb.from_pretrained(folder / "phi").state_dict()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return str(make_image_folder(tmp_path_factory.mktemp("data") / "images"))
+
+
+def test_two_processes_match_one(tmp_path, images):
+    common = ["--dataset", images, *TINY, "--steps", "3"]
+    single = run_python(["train/meta.py", *common, "--output", tmp_path / "one"])
+    assert single.returncode == 0, single.stderr
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]  # fmt: skip
+    double = run_python([*launch, "train/meta.py", "--cpu", *common, "--output", tmp_path / "two"])
+    assert double.returncode == 0, double.stderr
+
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["phi_identical_across_processes"] is True
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
+    one, two = _phi(tmp_path / "one"), _phi(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, MetaPerturb().state_dict()[k]) for k, v in one.items()), "φ was trained"
+    assert len(run["history"]) == 3 and len(run["history"][0]["tasks"]) == 4
+
+
+def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
+    common = ["--dataset", images, *TINY, "--steps", "4", "--checkpoint-every", "2"]
+    full = run_python(["train/meta.py", *common, "--output", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_2"
+    assert sorted(p.name for p in checkpoint.glob("task_*.pt")) == [f"task_{i}.pt" for i in range(4)]
+    resumed = run_python(["train/meta.py", *common, "--output", tmp_path / "resumed", "--resume-from", checkpoint])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _phi(tmp_path / "full"), _phi(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resuming must give the same φ, bit for bit"
+    history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+    other_seed = [*common, "--seed", "5", "--output", tmp_path / "x", "--resume-from", checkpoint]
+    changed = run_python(["train/meta.py", *other_seed])
+    assert changed.returncode != 0 and "cannot resume" in changed.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet_nonexistent"], "unknown source network"),
+        (["--dataset", "/no/such/folder"], "could not load dataset"),
+        (["--groups", "3"], "cannot make 3 class-wise groups"),
+        (["--batch-size", "64"], "fewer than 64 training or validation images"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, images, args, message):
+    from accelerate import Accelerator
+
+    from timm_metaperturb.meta_training import meta_train
+    from train.meta import parse_args
+
+    cfg = parse_args(["--dataset", images, *TINY, "--steps", "1", "--output", str(tmp_path / "out"), *args])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        meta_train(cfg, Accelerator(cpu=True))
+    assert not (tmp_path / "out" / "run.json").exists()

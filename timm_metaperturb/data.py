@@ -1,0 +1,203 @@
+"""Image-classification data for meta-training and target training.
+
+`load_image_dataset` returns a `datasets.Dataset` with an `image` and a `label` column from a Hub dataset name,
+a local image folder, or one of two offline built-ins: `fashion_mnist` (Debian's `dataset-fashion-mnist` files)
+and `digits` (scikit-learn's 8x8 digits). `to_tensors` turns it into one uint8 tensor of 3-channel images at a
+fixed size, and `augment` makes training batches from it on the fly (random crop with padding, horizontal flip,
+normalisation), driven by an explicit generator so that runs are reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+BUILTINS = ("fashion_mnist", "digits")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): magic (2 zero bytes, dtype code, ndim), big-endian dims, then the data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(split: str):
+    import datasets
+
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"fashion_mnist has the splits 'train' and 'test', not '{split}'")
+    files = [FASHION_MNIST_DIR / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}. Install Debian's package "
+            "(apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR to a folder that holds them"
+        )
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    features = datasets.Features(
+        {
+            "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
+            "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
+        }
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def _digits(split: str):
+    import datasets
+    from sklearn.datasets import load_digits
+
+    if split != "train":
+        raise ValueError(
+            f"digits has a single split, 'train' (1,797 images); split it yourself for testing, not '{split}'"
+        )
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    features = datasets.Features(
+        {
+            "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
+            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target}, features=features)
+
+
+def _standardise_columns(ds, name: str):
+    """Rename the dataset's image and class-label columns to `image` and `label`."""
+    import datasets
+
+    image_cols = [
+        c for c, f in ds.features.items() if isinstance(f, (datasets.Image, datasets.Array2D, datasets.Array3D))
+    ]
+    label_cols = [c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    if not image_cols or not label_cols:
+        raise ValueError(f"dataset '{name}' needs an image column and a ClassLabel column; it has {dict(ds.features)}")
+    ds = ds.select_columns([image_cols[0], label_cols[0]])
+    return ds.rename_columns({image_cols[0]: "image", label_cols[0]: "label"})
+
+
+def load_image_dataset(name: str, split: str = "train"):
+    """A `datasets.Dataset` with `image` and `label` (a ClassLabel) columns.
+
+    `name` is a built-in (`fashion_mnist`, `digits`), a local folder of images in one sub-folder per class
+    (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the first time).
+    """
+    import datasets
+
+    if name == "fashion_mnist":
+        return _fashion_mnist(split)
+    if name == "digits":
+        return _digits(split)
+    if os.path.isdir(name):
+        ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"could not load dataset '{name}' (split '{split}'): it is not a built-in ({', '.join(BUILTINS)}), "
+                f"not a local folder, and loading it from the Hugging Face Hub failed: {type(e).__name__}: {e}"
+            ) from e
+    return _standardise_columns(ds, name)
+
+
+@dataclass
+class ImageTensors:
+    """A dataset held as tensors: uint8 images (N, 3, S, S) and int64 labels (N,), with its class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def to_tensors(ds, image_size: int) -> ImageTensors:
+    """Decode, make 3-channel and resize every image of `ds` once (bilinear, antialiased)."""
+    import datasets
+
+    if isinstance(ds.features["image"], datasets.Image):  # PIL images, possibly of different sizes and modes
+        images = [np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in ds["image"]]
+        batches = _batches_of_one_shape(images)
+    else:  # one array of equal-sized images
+        images = _numpy_column(ds, "image").astype(np.uint8)
+        batches = np.array_split(images[..., None] if images.ndim == 3 else images, max(1, len(images) // 4096))
+    resized = [_resize(torch.from_numpy(np.ascontiguousarray(b)), image_size) for b in batches]
+    labels = torch.as_tensor(_numpy_column(ds, "label"), dtype=torch.int64)
+    return ImageTensors(torch.cat(resized), labels, list(ds.features["label"].names))
+
+
+def _numpy_column(ds, name: str) -> np.ndarray:
+    return ds.select_columns([name]).with_format("numpy")[:][name]
+
+
+def _batches_of_one_shape(images: list[np.ndarray], max_batch: int = 4096) -> list[np.ndarray]:
+    """Runs of consecutive images of one shape, stacked as (N, H, W, C), so that resizing works on batches."""
+    batches: list[list[np.ndarray]] = []
+    for im in images:
+        im = im[..., None] if im.ndim == 2 else im[..., :3]
+        if batches and batches[-1][0].shape == im.shape and len(batches[-1]) < max_batch:
+            batches[-1].append(im)
+        else:
+            batches.append([im])
+    return [np.stack(b) for b in batches]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, 3, size, size) uint8; grayscale is repeated to 3 channels."""
+    x = images.permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The reference's transforms: random crop with `crop_padding` zero padding, horizontal flip, then
+    normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1])."""
+
+    crop_padding: int = 4
+    hflip: bool = True
+    mean: float = 0.5
+    std: float = 0.5
+
+
+def normalise(images: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+    return (images.float() / 255 - aug.mean) / aug.std
+
+
+def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """A training batch from uint8 images: per-image random crop and flip drawn from `generator`."""
+    n, _, h, w = images.shape
+    p = aug.crop_padding
+    if p:
+        padded = F.pad(images, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, images.shape[1], h, w + 2 * p)
+        images = padded.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, images.shape[1], h, w)
+        images = images.gather(3, cols)
+    if aug.hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return normalise(images, aug)

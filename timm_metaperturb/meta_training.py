@@ -1,0 +1,331 @@
+"""Meta-training φ (eq. 3 of the paper), over any number of processes through Accelerate.
+
+Every task has its own network, local to the process that runs it; φ is shared. Each step, every task
+(1) trains its network on a training batch with φ held fixed, then (2) computes the loss of a validation batch
+(batch norm statistics frozen) whose gradient w.r.t. φ is summed over the process's tasks, summed over all
+processes, divided by the number of tasks, and applied by one optimizer step on φ, identical on every process.
+No second-order terms. Every random draw (network initialisation, batches, augmentation, φ's noise) is seeded
+from (seed, task, step), so the result does not depend on how the tasks are spread over processes, and an
+interrupted run resumed from a checkpoint ends with the same φ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Augmentation, ImageTensors, augment, load_image_dataset, normalise, to_tensors
+from .injection import get_injection, inject_metaperturb
+from .phi import MetaPerturb
+from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
+
+STATE_FILE = "meta_state.json"
+
+
+@dataclass
+class MetaTrainConfig:
+    """Every knob of a meta-training run; the defaults are the reference recipe."""
+
+    dataset: str = "fashion_mnist"
+    dataset_split: str = "train"
+    classes: str | None = None
+    groups: int = 5
+    task_split: str = "class_wise"
+    model: str = "resnet20"
+    image_size: int = 32
+    steps: int = 750
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    phi_lr: float = 1e-3
+    phi_weight_decay: float = 5e-4
+    clip: float = 100.0
+    channel_norm: float = 64.0
+    spatial_norm: float | None = None
+    placement: str = "pre_activation"
+    crop_padding: int = 4
+    hflip: bool = True
+    seed: int = 0
+    output: str = "outputs/meta"
+    checkpoint_every: int = 0
+    resume_from: str | None = None
+    log_every: int = 10
+    report_to: str | None = None
+    cpu: bool = False
+
+    # the settings a resumed run must share with the run it continues
+    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "model", "image_size",
+                   "batch_size", "seed", "steps", "clip", "channel_norm", "spatial_norm", "placement")  # fmt: skip
+
+
+def seed_for(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values, the same in every process."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+class EpochSampler:
+    """Batches of indices without replacement within an epoch, reshuffled each epoch (last partial batch
+    dropped), from its own generator; its state is saved in checkpoints."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(size, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
+
+
+@contextmanager
+def frozen_statistics(net: nn.Module):
+    """Batch norm in eval mode, and φ's per-site running statistics left as they were; φ itself still uses the
+    batch's statistics (its scale must see the batch to get a gradient)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+    sites = list(get_injection(net).sites.values())
+    saved = [(s.running_mean.clone(), s.running_var.clone()) for s in sites]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+        with torch.no_grad():
+            for s, (mean, var) in zip(sites, saved, strict=True):
+                s.running_mean.copy_(mean)
+                s.running_var.copy_(var)
+
+
+class TaskRunner:
+    """One task: its network (with the shared φ injected), its optimizer, its data samplers."""
+
+    def __init__(self, task: Task, data: ImageTensors, cfg: MetaTrainConfig, phi: MetaPerturb, device) -> None:
+        self.task, self.cfg, self.phi, self.device = task, cfg, phi, device
+        self.aug = Augmentation(cfg.crop_padding, cfg.hflip)
+        torch.manual_seed(seed_for(cfg.seed, "init", task.index))
+        net = timm.create_model(cfg.model, num_classes=len(task.classes))
+        size = (3, cfg.image_size, cfg.image_size)
+        self.net = inject_metaperturb(net, phi, placement=cfg.placement, input_size=size, train_phi=True).to(device)
+        params = [p for n, p in self.net.named_parameters() if not n.startswith("metaperturb.")]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.images = {"train": data.images[task.train], "val": data.images[task.val]}
+        self.labels = {"train": task.remap(data.labels[task.train]), "val": task.remap(data.labels[task.val])}
+        self.samplers = {
+            split: EpochSampler(len(self.labels[split]), cfg.batch_size, seed_for(cfg.seed, "data", split, task.index))
+            for split in ("train", "val")
+        }
+
+    def _batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.samplers[split].next()
+        images = self.images[split][idx]
+        x = (
+            augment(images, self.aug, self.samplers[split].generator)
+            if split == "train"
+            else normalise(images, self.aug)
+        )
+        return x.to(self.device), self.labels[split][idx].to(self.device)
+
+    def step(self, step: int) -> torch.Tensor:
+        """Train the network one step with φ fixed; add this task's validation gradient to φ's .grad.
+        Returns (train loss, train accuracy, validation loss, validation accuracy)."""
+        self.net.train()
+        torch.manual_seed(seed_for(self.cfg.seed, "step", step, self.task.index, "train"))
+        self.phi.requires_grad_(False)
+        x, y = self._batch("train")
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+        torch.manual_seed(seed_for(self.cfg.seed, "step", step, self.task.index, "val"))
+        self.phi.requires_grad_(True)
+        xv, yv = self._batch("val")
+        with frozen_statistics(self.net):
+            val_logits = self.net(xv)
+        val_loss = F.cross_entropy(val_logits, yv)
+        grads = torch.autograd.grad(val_loss, list(self.phi.parameters()))
+        for p, g in zip(self.phi.parameters(), grads, strict=True):
+            p.grad.add_(g)
+        accuracy = (logits.argmax(1) == y).float().mean()
+        val_accuracy = (val_logits.argmax(1) == yv).float().mean()
+        return torch.stack([loss.detach(), accuracy, val_loss.detach(), val_accuracy]).cpu()
+
+    def state_dict(self) -> dict:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "samplers": {k: s.state_dict() for k, s in self.samplers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, s in self.samplers.items():
+            s.load_state_dict(state["samplers"][k])
+
+
+def _check_model(name: str) -> None:
+    if not timm.is_model(name):
+        raise ValueError(f"unknown source network '{name}': pass a timm model name (see timm.list_models())")
+
+
+def _flat_grad(phi: MetaPerturb) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in phi.parameters()])
+
+
+def _set_flat_grad(phi: MetaPerturb, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in phi.parameters():
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPerturb:
+    """Run (or resume) meta-training; on the main process, write `output/phi` (hub format) and `output/run.json`."""
+    from tqdm.auto import tqdm
+
+    _check_model(cfg.model)
+    started = time.time()
+    output = Path(cfg.output)
+    data = to_tensors(load_image_dataset(cfg.dataset, cfg.dataset_split), cfg.image_size)
+    tasks = make_tasks(
+        data.labels, cfg.groups, cfg.seed, parse_classes(cfg.classes), cfg.task_split, min_images=cfg.batch_size
+    )
+    torch.manual_seed(seed_for(cfg.seed, "phi"))
+    phi = MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size).to(
+        accelerator.device
+    )
+    phi_optimizer = torch.optim.Adam(phi.parameters(), lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
+    local = tasks_of_rank(len(tasks), accelerator.process_index, accelerator.num_processes)
+    runners = [TaskRunner(tasks[i], data, cfg, phi, accelerator.device) for i in local]
+    for p in phi.parameters():
+        p.grad = torch.zeros_like(p)
+    accelerator.register_for_checkpointing(phi, phi_optimizer)
+
+    start, history = 0, []
+    if cfg.resume_from:
+        start, history = _resume(cfg, accelerator, runners)
+    if cfg.report_to:
+        accelerator.init_trackers("metaperturb", config={k: v for k, v in asdict(cfg).items() if v is not None})
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
+    for step in bar:
+        for p in phi.parameters():
+            p.grad.zero_()
+        metrics = torch.zeros(len(tasks), 4)
+        for runner in runners:
+            metrics[runner.task.index] = runner.step(step)
+        flat = accelerator.reduce(_flat_grad(phi), reduction="sum") / len(tasks)
+        _set_flat_grad(phi, flat)
+        phi_optimizer.step()
+        metrics = accelerator.reduce(metrics.to(accelerator.device), reduction="sum").cpu()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            history.append(_log(step + 1, metrics, accelerator, bar))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(output / "checkpoints" / f"step_{step + 1}", step + 1, cfg, accelerator, runners, history)
+
+    flat_phi = torch.cat([p.detach().flatten() for p in phi.parameters()])
+    everyone = accelerator.gather(flat_phi[None])
+    identical = bool((everyone == everyone[0]).all())
+    if accelerator.is_main_process:
+        _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, time.time() - started, command)
+    accelerator.end_training()
+    return phi
+
+
+def _log(step: int, metrics: torch.Tensor, accelerator, bar) -> dict:
+    names = ("train_loss", "train_acc", "val_loss", "val_acc")
+    record = {"step": step, **{n: metrics[:, i].mean().item() for i, n in enumerate(names)}}
+    record["tasks"] = [dict(zip(names, row.tolist(), strict=True)) for row in metrics]
+    bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{record['val_loss']:.3f}")
+    flat = {n: record[n] for n in names}
+    flat.update({f"task{t}/{n}": v for t, row in enumerate(record["tasks"]) for n, v in row.items()})
+    accelerator.log(flat, step=step)
+    return record
+
+
+def save_checkpoint(path: Path, step: int, cfg: MetaTrainConfig, accelerator, runners, history) -> None:
+    """φ and its optimizer through Accelerate's save_state; every task's network, optimizer and samplers in
+    `task_{i}.pt`, written by the process that runs it (so a resume may use another number of processes)."""
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    os.makedirs(path, exist_ok=True)
+    for runner in runners:
+        torch.save(runner.state_dict(), path / f"task_{runner.task.index}.pt")
+    if accelerator.is_main_process:
+        state = {"step": step, "config": asdict(cfg), "history": history}
+        (path / STATE_FILE).write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+
+
+def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
+    path = Path(cfg.resume_from)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
+    state = json.loads(state_file.read_text())
+    changed = {
+        k: (state["config"][k], getattr(cfg, k)) for k in cfg.RESUME_KEYS if state["config"][k] != getattr(cfg, k)
+    }
+    if changed:
+        raise ValueError(f"cannot resume {path} with other settings (checkpoint, now): {changed}")
+    accelerator.load_state(str(path))
+    for runner in runners:
+        runner.load_state_dict(torch.load(path / f"task_{runner.task.index}.pt", map_location="cpu", weights_only=True))
+    return state["step"], state["history"]
+
+
+def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    machine = (
+        f"{platform.node() or 'unknown host'}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
+    phi.provenance = {
+        "title": f"MetaPerturb φ meta-trained on {cfg.dataset} with {cfg.model}",
+        "source_dataset": cfg.dataset,
+        "source_classes": cfg.classes or "all",
+        "tasks": len(tasks),
+        "source_model": cfg.model,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "command": command,
+        "wall_time": f"{wall_time / 60:.1f} min ({world_size} processes)",
+        "machine": machine,
+    }
+    phi.save_pretrained(output / "phi")
+    run = {
+        "config": asdict(cfg),
+        "command": command,
+        "world_size": world_size,
+        "phi_identical_across_processes": identical,
+        "wall_time_s": wall_time,
+        "tasks": [
+            {"index": t.index, "classes": list(t.classes), "train": len(t.train), "val": len(t.val)} for t in tasks
+        ],
+        "history": history,
+        "phi": {k: v.tolist() for k, v in phi.state_dict().items()},
+    }
+    (output / "run.json").write_text(json.dumps(run, indent=1))
