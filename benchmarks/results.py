@@ -1,0 +1,35 @@
+"""benchmarks/RESULTS.md holds one section per benchmark; each benchmark rewrites only its own section."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nEach section is written by the benchmark it names; rerun that command to refresh it.\n"
+
+
+def machine() -> str:
+    """CPU model, core count and torch version, for the record."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between `<!-- name -->` markers in RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    block = f"<!-- {name}:start -->\n{markdown.strip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
