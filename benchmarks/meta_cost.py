@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 
     times = {"meta": [], "plain": []}
     for i in range(args.repeats + 2):  # interleaved; the first two are warm-up
-        for name, fn in (("meta", lambda: meta_step(i)), ("plain", plain_steps)):
+        for name, fn, fn_args in (("meta", meta_step, (i,)), ("plain", plain_steps, ())):
             start = time.perf_counter()
-            fn()
+            fn(*fn_args)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     meta, base = statistics.median(times["meta"]), statistics.median(times["plain"])
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     table = f"""## Meta-training cost (`benchmarks/meta_cost.py`)
 
 Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process.
-{args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}, T = {len(tasks)} tasks; medians of {args.repeats} interleaved repeats.
+{args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}, T = {len(tasks)} tasks;
+medians of {args.repeats} interleaved repeats.
 
 | | seconds |
 | --- | --- |
