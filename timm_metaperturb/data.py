@@ -10,6 +10,7 @@ normalisation), driven by an explicit generator so that runs are reproducible an
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +202,32 @@ def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator)
         flip = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     return normalise(images, aug)
+
+
+class EpochSampler:
+    """Batches of indices without replacement within an epoch, reshuffled each epoch (last partial batch
+    dropped), from its own generator; its state is saved in checkpoints."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(size, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
+
+
+def seed_for(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values, the same in every process."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1

@@ -7,6 +7,7 @@ stay exactly as they were, and φ and the sites' statistics appear under the one
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .discovery import BlocksSpec, Site, discover_sites
@@ -26,9 +27,21 @@ class MetaPerturbInjection(SiteModule):
         self.phi = phi
         self.sites = nn.ModuleDict({s.key: SiteStatistics(s.channels, phi.h_dim) for s in sites})
         self.strength = strength
+        self.heights: dict[str, int] = {}  # each site's latest feature-map height, for `scales`
 
     def perturb(self, site: Site, h):
+        self.heights[site.key] = h.shape[-2]
         return self.phi(h, self.sites[site.key], self.strength, site=site.name)
+
+    @torch.no_grad()
+    def scales(self) -> dict[str, torch.Tensor]:
+        """The per-channel scale s of every site that has run, from its running statistics (as at eval)."""
+        return {
+            site.name: self.phi.scale(stats.running_mean.float(), stats.running_var.float(), self.heights[site.key])
+            for site in self.site_list
+            if site.key in self.heights
+            for stats in (self.sites[site.key],)
+        }
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}, sites={len(self.site_list)}"

@@ -11,7 +11,6 @@ interrupted run resumed from a checkpoint ends with the same φ.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,7 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Augmentation, ImageTensors, augment, load_image_dataset, normalise, to_tensors
+from .data import (
+    Augmentation,
+    EpochSampler,
+    ImageTensors,
+    augment,
+    load_image_dataset,
+    normalise,
+    seed_for,
+    to_tensors,
+)
 from .injection import get_injection, inject_metaperturb
 from .phi import MetaPerturb
 from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
@@ -67,35 +75,6 @@ class MetaTrainConfig:
     # the settings a resumed run must share with the run it continues
     RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "model", "image_size",
                    "batch_size", "seed", "steps", "clip", "channel_norm", "spatial_norm", "placement")  # fmt: skip
-
-
-def seed_for(*parts: object) -> int:
-    """A 63-bit seed from any tuple of values, the same in every process."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
-class EpochSampler:
-    """Batches of indices without replacement within an epoch, reshuffled each epoch (last partial batch
-    dropped), from its own generator; its state is saved in checkpoints."""
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.batch_size = size, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = torch.randperm(size, generator=self.generator), 0
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > self.size:
-            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], state["position"]
 
 
 @contextmanager

@@ -16,13 +16,12 @@ The output folder gets `phi/` (model.safetensors, config.json, README.md), loada
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
-from dataclasses import fields
 
 from accelerate import Accelerator
 
+from timm_metaperturb.cli import config_parser
 from timm_metaperturb.meta_training import MetaTrainConfig, meta_train
 
 HELP = {
@@ -40,17 +39,7 @@ HELP = {
 
 
 def parse_args(argv: list[str] | None = None) -> MetaTrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = MetaTrainConfig()
-    for f in fields(MetaTrainConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
-        else:
-            kind = type(default) if default is not None else (float if f.name == "spatial_norm" else str)
-            parser.add_argument(flag, type=kind, default=default, help=HELP.get(f.name, f"default {default}"))
-    return MetaTrainConfig(**vars(parser.parse_args(argv)))
+    return MetaTrainConfig(**vars(config_parser(MetaTrainConfig, __doc__, HELP).parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> None:

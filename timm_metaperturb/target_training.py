@@ -1,0 +1,301 @@
+"""Training one network on a target dataset, with MetaPerturb or a baseline regularizer, and evaluating it.
+
+The reference recipe: Adam (lr 1e-3, weight decay 5e-4), batch 128, 10,000 steps, the learning rate x0.3 at
+40%, 70% and 90% of the steps, MetaPerturb's strength k = min(1, step / (0.4 steps)), φ frozen. Evaluation:
+accuracy, NLL and ECE on the test set, averaging the softmax of N stochastic passes for MetaPerturb.
+`train/target.py` is its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import (
+    Augmentation,
+    EpochSampler,
+    ImageTensors,
+    augment,
+    load_image_dataset,
+    normalise,
+    seed_for,
+    to_tensors,
+)
+from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_perturb_strength
+from .metrics import classification_metrics, reliability_bins
+from .regularizers import REGULARIZERS, DropBlock, add_regularizer
+from .tasks import parse_classes
+
+METHODS = ("base", "metaperturb", *REGULARIZERS)
+
+
+@dataclass
+class TargetConfig:
+    """Every knob of a target run; the defaults are the reference recipe."""
+
+    dataset: str = "digits"
+    train_split: str = "train"
+    test_split: str = "test"
+    val_fraction: float | None = None
+    test_rest: bool = False
+    max_per_class: int | None = None
+    classes: str | None = None
+    model: str = "resnet20"
+    method: str = "metaperturb"
+    phi: str | None = None
+    init_from: str | None = None
+    image_size: int = 32
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    milestones: str = "0.4,0.7,0.9"
+    gamma: float = 0.3
+    anneal: float = 0.4
+    eval_every: int = 500
+    eval_passes: int = 5
+    final_passes: int = 100
+    crop_padding: int = 4
+    hflip: bool = True
+    placement: str = "pre_activation"
+    dropblock_prob: float = 0.1
+    dropblock_size: int = 3
+    info_beta: float = 0.1
+    info_alpha_max: float = 0.7
+    mixup_alpha: float = 2.0
+    seed: int = 0
+    output: str = "outputs/target"
+    plots: bool = True
+    progress: bool = True
+
+    def methods(self) -> list[str]:
+        methods = [m.strip() for m in self.method.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method {unknown or self.method!r}; choose from {', '.join(METHODS)}")
+        if "base" in methods and len(methods) > 1:
+            raise ValueError("'base' means no regularizer: do not combine it with other methods")
+        return [m for m in methods if m != "base"]
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def _select(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
+    return ImageTensors(data.images[index], data.labels[index], data.class_names)
+
+
+def _keep_classes(data: ImageTensors, classes: list[int] | None) -> ImageTensors:
+    if classes is None:
+        return data
+    keep = torch.isin(data.labels, torch.tensor(classes))
+    lookup = torch.full((len(data.class_names),), -1, dtype=torch.int64)
+    lookup[classes] = torch.arange(len(classes))
+    return ImageTensors(data.images[keep], lookup[data.labels[keep]], [data.class_names[c] for c in classes])
+
+
+def _per_class(labels: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    """Each class's indices, shuffled."""
+    return [idx[torch.randperm(len(idx), generator=generator)] for idx in (torch.nonzero(labels == c).flatten()
+            for c in range(int(labels.max()) + 1))]  # fmt: skip
+
+
+def prepare_data(cfg: TargetConfig) -> tuple[ImageTensors, ImageTensors]:
+    """The training and test sets: the dataset's test split, or held out from its training split with
+    `val_fraction` (a fraction of each class) and/or `test_rest` (every image not picked for training);
+    `max_per_class` keeps that many training images of each class (the data-scarce settings)."""
+    classes = parse_classes(cfg.classes)
+    data = _keep_classes(to_tensors(load_image_dataset(cfg.dataset, cfg.train_split), cfg.image_size), classes)
+    generator = torch.Generator().manual_seed(seed_for(cfg.seed, "data split"))
+    train_idx, test_idx = [], []
+    for idx in _per_class(data.labels, generator):
+        held = round(len(idx) * cfg.val_fraction) if cfg.val_fraction else 0
+        test_idx.append(idx[:held])
+        pool = idx[held:]
+        keep = pool[: cfg.max_per_class] if cfg.max_per_class else pool
+        train_idx.append(keep)
+        if cfg.test_rest:
+            test_idx.append(pool[len(keep) :])
+    train = _select(data, torch.cat(train_idx).sort().values)
+    if cfg.val_fraction or cfg.test_rest:
+        test = _select(data, torch.cat(test_idx).sort().values)
+    else:
+        try:
+            test_ds = load_image_dataset(cfg.dataset, cfg.test_split)
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"dataset '{cfg.dataset}' has no '{cfg.test_split}' split ({e}): pass --val-fraction F to hold out a "
+                "fraction of each class as the test set, or --test-rest with --max-per-class"
+            ) from e
+        test = _keep_classes(to_tensors(test_ds, cfg.image_size), classes)
+    if len(test) == 0:
+        raise ValueError("the test set is empty: check --val-fraction, --test-rest and --max-per-class")
+    return train, test
+
+
+# -- model -----------------------------------------------------------------------------------------------------
+
+
+def load_initial_weights(model: nn.Module, path: str) -> list[str]:
+    """Fine-tuning: load a network checkpoint (safetensors, or a torch state dict of tensors); a classifier of
+    another shape (other classes) is left freshly initialised. Any other mismatch is an error. Returns the
+    keys left out."""
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    head = (model.pretrained_cfg or {}).get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    skipped = [k for k in mismatched if k.startswith(head + ".")]
+    problems = {
+        "missing": sorted(set(own) - set(state)),
+        "unexpected": sorted(set(state) - set(own)),
+        "mis-shaped": [
+            f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched if k not in skipped
+        ],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{label}: {', '.join(items[:6])}" for label, items in problems.items() if items)
+        raise ValueError(f"--init-from {path} does not fit {type(model).__name__} ({found})")
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped
+
+
+def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The network with the chosen methods attached; returns it and {method: attached module}."""
+    methods = cfg.methods()
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"unknown model '{cfg.model}': pass a timm model name (see timm.list_models())")
+    model = timm.create_model(cfg.model, num_classes=num_classes)
+    if cfg.init_from:
+        load_initial_weights(model, cfg.init_from)
+    size = (3, cfg.image_size, cfg.image_size)
+    attached: dict[str, nn.Module] = {}
+    for method in methods:
+        if method == "metaperturb":
+            inject_metaperturb(model, cfg.phi, placement=cfg.placement, input_size=size)
+            attached[method] = get_injection(model)
+        else:
+            options = {
+                "information_dropout": {"alpha_max": cfg.info_alpha_max, "beta": cfg.info_beta},
+                "dropblock": {"drop_prob": cfg.dropblock_prob, "block_size": cfg.dropblock_size},
+                "manifold_mixup": {"alpha": cfg.mixup_alpha},
+            }[method]
+            attached[method] = add_regularizer(model, method, placement=cfg.placement, input_size=size, **options)
+    return model, attached
+
+
+def base_state_dict(model: nn.Module, attached: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The network's own weights, without what the methods attached (so any method can fine-tune from them)."""
+    prefixes = tuple(f"{ATTRIBUTE if m == 'metaperturb' else m}." for m in attached)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+
+
+# -- training and evaluation -----------------------------------------------------------------------------------
+
+
+def annealed_strength(step: int, steps: int, anneal: float) -> float:
+    """k = min(1, step / (anneal * steps)): 0 at the start, 1 from `anneal` of the way on."""
+    return 1.0 if anneal <= 0 else min(1.0, step / (anneal * steps))
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, passes: int = 1) -> torch.Tensor:
+    """Softmax probabilities averaged over `passes` forward passes (Monte-Carlo for stochastic methods)."""
+    model.eval()
+    total = None
+    for _ in range(passes):
+        probs = torch.cat([F.softmax(model(normalise(chunk, aug)), 1) for chunk in images.split(512)])
+        total = probs if total is None else total + probs
+    return total / passes
+
+
+def train_target(cfg: TargetConfig, command: str = "") -> dict:
+    """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output`."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    methods = cfg.methods()
+    train, test = prepare_data(cfg)
+    torch.manual_seed(seed_for(cfg.seed, "model"))
+    model, attached = build_model(cfg, len(train.class_names))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    milestones = [round(float(f) * cfg.steps) for f in cfg.milestones.split(",") if f.strip()]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.gamma)
+    aug = Augmentation(cfg.crop_padding, cfg.hflip)
+    sampler = EpochSampler(len(train), min(cfg.batch_size, len(train)), seed_for(cfg.seed, "batches"))
+    stochastic = "metaperturb" in attached
+    mixup = attached.get("manifold_mixup")
+    info = attached.get("information_dropout")
+    history, strengths = [], []
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
+    for step in bar:
+        k = annealed_strength(step, cfg.steps, cfg.anneal)
+        if stochastic:
+            set_perturb_strength(model, k)
+        strengths.append(k)
+        for owner in attached.values():
+            if isinstance(owner, DropBlock):
+                owner.strength = step / cfg.steps
+        model.train()
+        idx = sampler.next()
+        x, y = augment(train.images[idx], aug, sampler.generator), train.labels[idx]
+        if mixup is not None:
+            mixup.draw(len(y))
+            x = mixup.mix_input(x)
+        logits = model(x)
+        loss = mixup.loss(logits, y) if mixup is not None else F.cross_entropy(logits, y)
+        if info is not None:
+            loss = loss + info.beta * info.kl()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr")
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            probs = predict_proba(model, test.images, aug, cfg.eval_passes if stochastic else 1)
+            history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
+            bar.set_postfix(acc=f"{history[-1]['accuracy']:.2f}")
+    passes = cfg.final_passes if stochastic else 1
+    probs = predict_proba(model, test.images, aug, passes)
+    final = {
+        "step": cfg.steps,
+        "train_loss": loss.item(),
+        "passes": passes,
+        **classification_metrics(probs, test.labels),
+    }
+    history.append(final)
+    run = {
+        "config": asdict(cfg),
+        "command": command,
+        "data": {"train": len(train), "test": len(test), "classes": train.class_names},
+        "methods": methods or ["base"],
+        "history": history,
+        "final": final,
+        "reliability": {k: v.tolist() for k, v in reliability_bins(probs, test.labels).items()},
+        "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
+        "wall_time_s": time.time() - started,
+    }
+    if stochastic:
+        run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
+    save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
+    (output / "run.json").write_text(json.dumps(run, indent=1))
+    if cfg.plots:
+        from .plots import plot_run
+
+        plot_run(run, output)
+    return run
