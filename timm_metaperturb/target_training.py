@@ -77,7 +77,7 @@ class TargetConfig:
     progress: bool = True
 
     def methods(self) -> list[str]:
-        methods = [m.strip() for m in self.method.split(",") if m.strip()]
+        methods = [m.strip() for m in self.method.replace("+", ",").split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"unknown method {unknown or self.method!r}; choose from {', '.join(METHODS)}")

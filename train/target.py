@@ -6,7 +6,7 @@ scikit-learn's digits at 32x32, 20 training images per class and the other 1,597
     python train/target.py
 Any other run, e.g. Fashion-MNIST classes 5-9 with 100 images per class, DropBlock, the reference recipe:
     python train/target.py --dataset fashion_mnist --classes 5-9 --max-per-class 100 --method dropblock
-Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a comma-separated combination;
+Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination joined by '+';
 --init-from CHECKPOINT fine-tunes from a network.safetensors of an earlier run (the classifier is re-initialised
 when the classes differ).
 """
@@ -30,7 +30,7 @@ HELP = {
     "max_per_class": "keep this many training images per class (data-scarce settings)",
     "classes": "class subset, e.g. 5-9",
     "model": "any timm CNN name, e.g. resnet20, conv4, wrn28_2, resnet18",
-    "method": "base, metaperturb, information_dropout, dropblock, manifold_mixup, or a comma-separated mix",
+    "method": "base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination a+b",
     "phi": "φ for metaperturb: a folder, .safetensors file or Hub repo id (default: the shipped φ)",
     "init_from": "fine-tune from this network checkpoint (network.safetensors of an earlier run)",
     "milestones": "fractions of the steps where the learning rate is multiplied by --gamma",

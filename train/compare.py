@@ -1,0 +1,91 @@
+"""Run several methods x seeds of train/target.py on one dataset and network, and print a table of
+mean ± std (the shape of the paper's tables), written as Markdown.
+
+    python train/compare.py --runs-dir outputs/compare --methods base,metaperturb,dropblock --seeds 0,1,2 \\
+        -- --dataset fashion_mnist --classes 5-9 --max-per-class 100 --steps 800
+
+Everything after `--` is passed to train/target.py. Each run writes its JSON to RUNS_DIR/<method>/seed<seed>;
+runs whose run.json exists are skipped, so an interrupted comparison resumes where it stopped. --workers runs
+that many at once, one CPU thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TARGET = Path(__file__).with_name("target.py")
+METRICS = (("accuracy", "accuracy (%)", 2), ("nll", "NLL", 3), ("ece", "ECE (%)", 2))
+
+
+def run_one(runs_dir: Path, method: str, seed: int, target_args: list[str], threads: int) -> Path:
+    """One target run in its own process; skipped when its run.json already exists."""
+    output = runs_dir / method / f"seed{seed}"
+    if (output / "run.json").is_file():
+        return output
+    output.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(TARGET), *target_args, "--method", method, "--seed", str(seed)]
+    command += ["--output", str(output), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(output / "log.txt", "w") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed (exit {done.returncode}); see {output / 'log.txt'}")
+    return output
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def comparison_table(runs_dir: Path, methods: list[str], seeds: list[int]) -> str:
+    """Mean ± std over seeds of the final metrics of each method."""
+    lines = ["| method | " + " | ".join(label for _, label, _ in METRICS) + " | runs |",
+             "| --- |" + " --- |" * (len(METRICS) + 1)]  # fmt: skip
+    for method in methods:
+        runs = [
+            json.loads(p.read_text())["final"]
+            for seed in seeds
+            if (p := runs_dir / method / f"seed{seed}" / "run.json").is_file()
+        ]
+        if runs:
+            cells = [mean_std([r[key] for r in runs], digits) for key, _, digits in METRICS]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, target_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, required=True)
+    parser.add_argument(
+        "--methods",
+        default="base,metaperturb,information_dropout,dropblock,manifold_mixup",
+        help="comma-separated; combine methods in one run with '+', e.g. metaperturb+manifold_mixup",
+    )
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(ours)
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    jobs = [(m, s) for s in seeds for m in methods]
+    with ThreadPoolExecutor(args.workers) as pool:
+        for future in [pool.submit(run_one, args.runs_dir, m, s, target_args, threads) for m, s in jobs]:
+            future.result()
+    table = comparison_table(args.runs_dir, methods, seeds)
+    (args.runs_dir / "table.md").write_text(table + "\n")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
