@@ -1,0 +1,171 @@
+"""Target training: every method, annealing, metrics, outputs, fine-tuning, the comparison driver, bad input."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from timm_metaperturb.metrics import classification_metrics, expected_calibration_error
+from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer
+from timm_metaperturb.target_training import TargetConfig, annealed_strength, build_model, train_target
+
+TINY = dict(dataset="digits", max_per_class=10, test_rest=True, hflip=False, model="conv4", image_size=16,
+            batch_size=32, steps=6, eval_every=3, eval_passes=2, final_passes=3, progress=False)  # fmt: skip
+
+
+@pytest.fixture
+def phi_dir(tmp_path, phi):
+    phi.save_pretrained(tmp_path / "phi")
+    return str(tmp_path / "phi")
+
+
+@pytest.mark.parametrize(
+    "method", ["metaperturb", "information_dropout", "dropblock", "manifold_mixup", "metaperturb+manifold_mixup"]
+)
+def test_each_method_changes_the_loss_and_trains(method, phi_dir):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+
+    def first_loss(method_name):
+        torch.manual_seed(1)
+        model, attached = build_model(TargetConfig(**{**TINY, "method": method_name, "phi": phi_dir}), 10)
+        for owner in attached.values():
+            owner.strength = 1.0
+        model.train()
+        torch.manual_seed(2)
+        if "manifold_mixup" in attached:
+            attached["manifold_mixup"].draw(16)
+        return model, attached, F.cross_entropy(model(x), y)
+
+    _, _, base_loss = first_loss("base")
+    model, _, loss = first_loss(method)
+    assert not torch.isclose(loss, base_loss), "the method must change the loss"
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(3)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_annealing_reaches_one_at_40_percent(tmp_path, phi_dir):
+    assert annealed_strength(0, 1000, 0.4) == 0.0
+    assert annealed_strength(200, 1000, 0.4) == 0.5
+    assert annealed_strength(400, 1000, 0.4) == 1.0 and annealed_strength(900, 1000, 0.4) == 1.0
+    run = train_target(TargetConfig(**{**TINY, "steps": 10, "phi": phi_dir, "output": str(tmp_path / "run")}))
+    assert run["strength_at"] == {"0%": 0.0, "20%": 0.5, "40%": 1.0, "100%": 1.0}
+
+
+def test_ece_against_a_hand_computed_case():
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 0, 1])
+    # bins: {0.9: two examples, accuracy 1/2}, {0.6: one, correct}, {0.8: one, correct}
+    expected = 2 / 4 * abs(0.5 - 0.9) + 1 / 4 * abs(1 - 0.6) + 1 / 4 * abs(1 - 0.8)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    metrics = classification_metrics(probs, labels)
+    assert metrics["accuracy"] == 75.0 and metrics["ece"] == pytest.approx(100 * expected)
+    assert metrics["nll"] == pytest.approx(float(-torch.log(torch.tensor([0.9, 0.1, 0.6, 0.8])).mean()))
+
+
+def test_manifold_mixup_mixes_one_site_and_the_targets_with_the_same_lambda():
+    model = timm.create_model("resnet20")
+    mixup = add_regularizer(model, "manifold_mixup")
+    assert isinstance(mixup, ManifoldMixup) and len(mixup.site_list) == 9
+    torch.manual_seed(0)
+    layers = {mixup.draw(8)[0] for _ in range(200)}
+    assert layers == set(range(10)), "the input and every site get picked"
+    layer, lam, perm = mixup.draw(8)
+    while layer == 0:
+        layer, lam, perm = mixup.draw(8)
+    h = torch.randn(8, 16, 4, 4)
+    site = mixup.site_list[layer - 1]
+    torch.testing.assert_close(mixup.perturb(site, h), lam * h + (1 - lam) * h[perm])
+    other = mixup.site_list[layer % len(mixup.site_list)]
+    assert torch.equal(mixup.perturb(other, h), h)
+    logits, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    torch.testing.assert_close(mixup.loss(logits, y), expected)
+    mixup.eval()
+    assert torch.equal(mixup.perturb(site, h), h), "no mixing at eval"
+
+
+def test_information_dropout_kl_is_finite_and_positive():
+    model = timm.create_model("resnet20")
+    info = add_regularizer(model, "information_dropout")
+    assert isinstance(info, InformationDropout)
+    model.train()(torch.randn(4, 3, 32, 32))
+    kl = info.kl()
+    assert torch.isfinite(kl) and kl > 0 and kl.requires_grad
+    assert info.kl() == 0, "kl() consumes the terms of the last forward"
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x)) and info.kl() == 0, "deterministic at eval"
+
+
+def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
+    run = train_target(TargetConfig(**{**TINY, "phi": phi_dir, "output": str(tmp_path / "run")}))
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["final"] == run["final"] and saved["final"]["passes"] == 3
+    assert [h["step"] for h in saved["history"]] == [3, 6]
+    assert {"accuracy", "nll", "ece"} <= set(saved["final"]) and saved["data"] == {
+        "train": 100, "test": 1697, "classes": [str(d) for d in range(10)]}  # fmt: skip
+    assert len(saved["scales"]) == 4 and all(0 < s < 1 for v in saved["scales"].values() for s in v)
+    for name in ("convergence.png", "reliability.png", "scales.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+    assert not any(k.startswith("metaperturb.") for k in timm_state(tmp_path / "run" / "network.safetensors"))
+
+
+def timm_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_fine_tuning_loads_all_but_a_new_classifier(tmp_path):
+    source = train_target(TargetConfig(**{**TINY, "method": "base", "output": str(tmp_path / "source")}))
+    assert source["final"]["passes"] == 1
+    weights = str(tmp_path / "source" / "network.safetensors")
+    model, _ = build_model(TargetConfig(**{**TINY, "method": "base", "init_from": weights}), num_classes=5)
+    state = timm_state(weights)
+    assert torch.equal(model.blocks[0].conv.weight, state["blocks.0.conv.weight"])
+    assert model.fc.weight.shape == (5, 64)
+    mis_shaped = r"does not fit.*mis-shaped: blocks\.1\.conv\.weight: \(64, 64, 3, 3\) vs \(128, 64, 3, 3\)"
+    with pytest.raises(ValueError, match=mis_shaped):
+        build_model(TargetConfig(**{**TINY, "method": "base", "model": "vgg9", "init_from": weights}), 10)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "dropout_of_my_own"}, "unknown method"),
+        ({"method": "base+metaperturb"}, "do not combine"),
+        ({"test_rest": False}, r"no 'test' split.*--val-fraction"),
+        ({"model": "resnet_nonexistent"}, "unknown model"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, changes, message):
+    cfg = TargetConfig(**{**TINY, **changes, "output": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match=message):
+        train_target(cfg)
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_comparison_driver_tabulates_and_resumes(tmp_path):
+    from train.compare import main
+
+    args = ["--runs-dir", str(tmp_path / "runs"), "--methods", "base,dropblock", "--seeds", "0,1", "--workers", "2",
+            "--", "--dataset", "digits", "--max-per-class", "5", "--test-rest", "--model", "conv4", "--image-size",
+            "16", "--batch-size", "16", "--steps", "3", "--eval-every", "3"]  # fmt: skip
+    table = main(args)
+    assert "| base | " in table and "| dropblock | " in table and " ± " in table and table.count("| 2 |") == 2
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("run.json")}
+    assert len(stamps) == 4
+    assert main(args) == table
+    assert {p: p.stat().st_mtime for p in stamps} == stamps, "finished runs are not run again"
