@@ -22,12 +22,10 @@ from .hub import PhiHubMixin
 
 
 def shared_depthwise_conv(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Apply the same (K, 1, k, k) kernels to every channel of x (B, C, H, W): (B, C, H, W) if K == 1, else
-    (B, C, K, H, W) flattened to (B, C * K, H, W) channel-major. Folding channels into the batch avoids
-    materialising C copies of the kernels."""
-    b, c, h, w = x.shape
-    out = F.conv2d(x.reshape(b * c, 1, h, w), kernels, padding=kernels.shape[-1] // 2)
-    return out.reshape(b, c * kernels.shape[0], h, w)
+    """Apply the same (K, 1, k, k) kernels to every channel of x (B, C, H, W): a depthwise convolution whose
+    output (B, C * K, H, W) holds channel c's K maps at c * K ... c * K + K - 1."""
+    channels = x.shape[1]
+    return F.conv2d(x, kernels.repeat(channels, 1, 1, 1), padding=kernels.shape[-1] // 2, groups=channels)
 
 
 class EquivariantConv2d(nn.Module):
