@@ -2,9 +2,11 @@
 
 - `MetaPerturb` (phi.py): the 82-parameter perturbation function φ.
 - `inject_metaperturb` / `remove_metaperturb` (injection.py): put φ after every block of any CNN; the blocks
-  come from `discovery.py`.
+  come from `discovery.py`, the hooks from `sites.py`.
 - `create_model` (factory.py): timm's create_model with `metaperturb=True`.
 - `models/`: the paper's networks, registered in timm (resnet20/32/44/56, wrn28_2, conv4, conv6, vgg9).
+- `meta_training.py` (meta-training φ), `target_training.py` (training with it), `regularizers.py` (the
+  paper's baselines), `data.py`, `tasks.py`, `metrics.py`, `plots.py`; `hub.py` and `model_card.py` (φ on the Hub).
 """
 
 from . import models
@@ -20,15 +22,20 @@ from .injection import (
 from .loading import load_phi
 from .official_checkpoint import load_official_checkpoint
 from .phi import MetaPerturb, SiteStatistics
+from .regularizers import DropBlock, InformationDropout, ManifoldMixup, add_regularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DropBlock",
+    "InformationDropout",
+    "ManifoldMixup",
     "MetaPerturb",
     "MetaPerturbInjection",
     "NoBlocksError",
     "Site",
     "SiteStatistics",
+    "add_regularizer",
     "create_model",
     "discover_sites",
     "find_block_scopes",

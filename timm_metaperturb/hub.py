@@ -59,9 +59,10 @@ class PhiHubMixin(ModelHubMixin):
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     def generate_model_card(self, phi_source: str | None = None, **kwargs) -> ModelCard:
+        """The card; its usage snippet loads φ from `phi_source`, or uses the package's default φ when None."""
         from .model_card import phi_model_card
 
-        return phi_model_card(self, phi_source or "path/to/phi")
+        return phi_model_card(self, phi_source)
 
     # -- loading -------------------------------------------------------------------------------------------
 

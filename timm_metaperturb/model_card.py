@@ -38,8 +38,9 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def phi_model_card(phi, phi_source: str) -> ModelCard:
-    """The card of `phi`, whose usage snippet loads it from `phi_source` (a Hub repo id or a folder)."""
+def phi_model_card(phi, phi_source: str | None) -> ModelCard:
+    """The card of `phi`, whose usage snippet loads it from `phi_source` (a Hub repo id or a folder), or, when
+    None, uses it as the φ timm-metaperturb ships (no `phi=` needed)."""
     info = dict(phi.provenance)
     base = type(phi)._hub_mixin_info.model_card_data.to_dict()
     data = ModelCardData(
@@ -52,6 +53,8 @@ def phi_model_card(phi, phi_source: str) -> ModelCard:
     made_table = "\n".join(["| | |", "| --- | --- |", *made]) if made else "Not recorded."
     results = _table(info["results"]) if info.get("results") else "No transfer results recorded for this φ yet."
     config = ", ".join(f"`{k}={v}`" for k, v in phi.config.items())
+    load = f', phi="{phi_source}"' if phi_source else ""
+    which = "with φ after every block" if phi_source else "with this φ, the package's default, after every block"
     body = f"""
 # {info.get("title", "MetaPerturb φ")}
 
@@ -80,8 +83,8 @@ pip install timm-metaperturb
 ```python
 import timm_metaperturb as tm
 
-# the paper's ResNet-20 (any timm CNN works) with φ after every block
-model = tm.create_model("resnet20", num_classes=10, metaperturb=True, phi="{phi_source}")
+# the paper's ResNet-20 (any timm CNN works) {which}
+model = tm.create_model("resnet20", num_classes=10, metaperturb=True{load})
 print(len(tm.get_injection(model).site_list), "sites")
 ```
 
