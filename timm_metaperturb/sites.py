@@ -88,14 +88,9 @@ HOOK_TYPES = (_PerturbOutput, _PerturbInput, _StartPass)
 def attach(model: nn.Module, owner: SiteModule, attribute: str) -> nn.Module:
     """Register `owner` as `model.<attribute>` and hook it onto each of its sites; return the model."""
     if hasattr(model, attribute):
-        raise ValueError(
-            f"the model already has an attribute '{attribute}'"
-            + (
-                f"; remove the attached {type(owner).__name__} first"
-                if isinstance(getattr(model, attribute), SiteModule)
-                else ""
-            )
-        )
+        existing = getattr(model, attribute)
+        detail = f" (a {type(existing).__name__}; remove it first)" if isinstance(existing, SiteModule) else ""
+        raise ValueError(f"the model already has an attribute '{attribute}'{detail}")
     param = next(model.parameters(), None)
     if param is not None:
         owner.to(param.device)
