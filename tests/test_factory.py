@@ -32,9 +32,13 @@ def test_phi_sources(tmp_path, phi, official_phi_path):
     assert isinstance(get_injection(from_official).phi, MetaPerturb)
 
 
-def test_no_default_phi_yet_says_how_to_pass_one():
-    with pytest.raises(FileNotFoundError, match="pass phi="):
-        create_model("resnet20", metaperturb=True)
+def test_default_phi_is_the_shipped_one():
+    from timm_metaperturb.loading import DEFAULT_PHI_DIR
+
+    model = create_model("resnet20", metaperturb=True)
+    shipped = MetaPerturb.from_pretrained(DEFAULT_PHI_DIR)
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in get_injection(model).phi.state_dict().items())
+    assert not get_injection(model).phi.scale_kernels.requires_grad
 
 
 def test_bad_arguments(phi):

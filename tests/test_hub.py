@@ -159,3 +159,18 @@ def test_card_without_provenance_renders(tmp_path, phi):
     assert card.data.library_name == "timm-metaperturb"
     assert "No transfer results recorded" in card.text
     assert f'phi="{tmp_path / "phi"}"' in _python_blocks(card)
+
+
+def test_shipped_default_phi_card_and_snippet():
+    from timm_metaperturb.loading import DEFAULT_PHI_DIR
+
+    card = ModelCard.load(DEFAULT_PHI_DIR / "README.md")
+    assert card.data.library_name == "timm-metaperturb" and "metaperturb" in card.data.tags
+    assert "fashion_mnist" in card.text and "train/meta.py" in card.text and "resnet20" in card.text
+    snippet = _python_blocks(card)
+    assert "phi=" not in snippet, "the default needs no phi="
+    ran = run_python(snippet, {"HF_HUB_OFFLINE": "1"})
+    assert ran.returncode == 0, ran.stderr
+    assert "9 sites" in ran.stdout
+    default = MetaPerturb.from_pretrained(DEFAULT_PHI_DIR)
+    assert default.provenance["source_classes"] == "0-4" and default.provenance["steps"] > 0

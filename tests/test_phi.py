@@ -163,3 +163,33 @@ def test_phi_of_half_precision_is_finite(phi):
 def test_not_a_feature_map_fails(phi):
     with pytest.raises(ValueError, match="4-D"):
         phi(torch.randn(4, 10), None)
+
+
+def test_expected_softplus_is_accurate():
+    import numpy as np
+
+    from timm_metaperturb.phi import expected_softplus
+
+    a = torch.linspace(-20, 20, 20001, dtype=torch.float64)
+    nodes, weights = np.polynomial.hermite.hermgauss(200)
+    exact = np.logaddexp(0, a.numpy()[:, None] + np.sqrt(2) * nodes[None, :]) @ weights / np.sqrt(np.pi)
+    assert (expected_softplus(a) - torch.from_numpy(exact)).abs().max() < 1e-6
+    torch.manual_seed(0)
+    samples = F.softplus(torch.tensor([-3.0, 0.0, 2.5])[:, None] + torch.randn(3, 200_000)).mean(1)
+    torch.testing.assert_close(expected_softplus(torch.tensor([-3.0, 0.0, 2.5])), samples, atol=5e-3, rtol=0)
+
+
+def test_mean_eval_noise_is_deterministic_and_the_average_of_sampled_passes(phi):
+    stats = SiteStatistics(6, 4).train()
+    phi(torch.randn(8, 6, 5, 5), stats)  # running statistics for eval
+    stats.eval()
+    phi.eval()
+    h = torch.rand(4, 6, 5, 5)
+    torch.manual_seed(0)
+    sampled = torch.stack([phi(h, stats) for _ in range(1000)]).mean(0)
+    phi.eval_noise = "mean"
+    single = phi(h, stats)
+    assert torch.equal(single, phi(h, stats))
+    torch.testing.assert_close(single, sampled, atol=5e-2, rtol=0)  # 5 standard errors
+    phi.train()
+    assert not torch.equal(phi(h, stats), phi(h, stats)), "training still samples"

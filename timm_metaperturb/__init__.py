@@ -17,6 +17,7 @@ from .injection import (
     get_injection,
     inject_metaperturb,
     remove_metaperturb,
+    set_eval_noise,
     set_perturb_strength,
 )
 from .loading import load_phi
@@ -45,5 +46,6 @@ __all__ = [
     "load_phi",
     "models",
     "remove_metaperturb",
+    "set_eval_noise",
     "set_perturb_strength",
 ]

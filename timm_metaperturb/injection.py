@@ -12,7 +12,7 @@ from torch import nn
 
 from .discovery import BlocksSpec, Site, discover_sites
 from .loading import PhiSource, load_phi
-from .phi import MetaPerturb, SiteStatistics
+from .phi import EVAL_NOISE, MetaPerturb, SiteStatistics
 from .sites import SiteModule, attach, attached, detach
 
 ATTRIBUTE = "metaperturb"
@@ -97,6 +97,14 @@ def remove_metaperturb(model: nn.Module) -> MetaPerturb:
 def _check_strength(strength: float) -> None:
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"the perturbation strength k must lie in [0, 1], got {strength}")
+
+
+def set_eval_noise(model: nn.Module, mode: str) -> None:
+    """How φ treats its noise at eval: "sample" (the reference: average several stochastic passes) or "mean"
+    (the noise replaced by its expectation: one deterministic pass)."""
+    if mode not in EVAL_NOISE:
+        raise ValueError(f"eval noise must be one of {EVAL_NOISE}, got {mode!r}")
+    get_injection(model).phi.eval_noise = mode
 
 
 def set_perturb_strength(model: nn.Module, strength: float) -> None:

@@ -29,7 +29,7 @@ from .data import (
     seed_for,
     to_tensors,
 )
-from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_perturb_strength
+from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_eval_noise, set_perturb_strength
 from .metrics import classification_metrics, reliability_bins
 from .regularizers import REGULARIZERS, DropBlock, add_regularizer
 from .tasks import parse_classes
@@ -63,6 +63,7 @@ class TargetConfig:
     eval_every: int = 500
     eval_passes: int = 5
     final_passes: int = 100
+    eval_noise: str = "sample"
     crop_padding: int = 4
     hflip: bool = True
     placement: str = "pre_activation"
@@ -184,6 +185,7 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     for method in methods:
         if method == "metaperturb":
             inject_metaperturb(model, cfg.phi, placement=cfg.placement, input_size=size)
+            set_eval_noise(model, cfg.eval_noise)
             attached[method] = get_injection(model)
         else:
             options = {
@@ -235,7 +237,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.gamma)
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
     sampler = EpochSampler(len(train), min(cfg.batch_size, len(train)), seed_for(cfg.seed, "batches"))
-    stochastic = "metaperturb" in attached
+    stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
     mixup = attached.get("manifold_mixup")
     info = attached.get("information_dropout")
     history, strengths = [], []
@@ -244,7 +246,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
     for step in bar:
         k = annealed_strength(step, cfg.steps, cfg.anneal)
-        if stochastic:
+        if "metaperturb" in attached:
             set_perturb_strength(model, k)
         strengths.append(k)
         for owner in attached.values():
@@ -290,7 +292,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
         "wall_time_s": time.time() - started,
     }
-    if stochastic:
+    if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
     (output / "run.json").write_text(json.dumps(run, indent=1))

@@ -37,6 +37,7 @@ HELP = {
     "anneal": "MetaPerturb's strength k rises linearly to 1 over this fraction of the steps",
     "eval_passes": "Monte-Carlo passes of stochastic methods at intermediate evaluations",
     "final_passes": "Monte-Carlo passes of stochastic methods at the final evaluation",
+    "eval_noise": "MetaPerturb at eval: sample (Monte-Carlo over the passes) or mean (one deterministic pass)",
 }
 
 
