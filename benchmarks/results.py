@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 from pathlib import Path
 
-import torch
+from timm_metaperturb.provenance import machine
+
+__all__ = ["machine", "write_section"]
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nEach section is written by the benchmark it names; rerun that command to refresh it.\n"
-
-
-def machine() -> str:
-    """CPU model, core count and torch version, for the record."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_section(name: str, markdown: str) -> None:

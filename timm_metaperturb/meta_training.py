@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from .data import (
 )
 from .injection import get_injection, inject_metaperturb
 from .phi import MetaPerturb
+from .provenance import machine
 from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
 
 STATE_FILE = "meta_state.json"
@@ -279,9 +279,6 @@ def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
 def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    machine = (
-        f"{platform.node() or 'unknown host'}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    )
     phi.provenance = {
         "title": f"MetaPerturb φ meta-trained on {cfg.dataset} with {cfg.model}",
         "source_dataset": cfg.dataset,
@@ -292,7 +289,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "seed": cfg.seed,
         "command": command,
         "wall_time": f"{wall_time / 60:.1f} min ({world_size} processes)",
-        "machine": machine,
+        "machine": machine(),
     }
     phi.save_pretrained(output / "phi")
     run = {
