@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import timm
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     meta, base = statistics.median(times["meta"]), statistics.median(times["plain"])
-    command = "python benchmarks/meta_cost.py " + " ".join(argv or [])
+    command = "python benchmarks/meta_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = f"""## Meta-training cost (`benchmarks/meta_cost.py`)
 
 Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process.
