@@ -2,7 +2,7 @@
 network plus its validation pass to φ's gradient, and φ's update) against 2 x T plain training steps of the
 same network, measured in the same run, medians over repeats.
 
-    python benchmarks/meta_cost.py            # the default φ's recipe: resnet20, Fashion-MNIST 0-4, 4 tasks
+    python -m benchmarks.meta_cost            # the default φ's recipe: resnet20, Fashion-MNIST 0-4, 4 tasks
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     meta, base = statistics.median(times["meta"]), statistics.median(times["plain"])
-    command = "python benchmarks/meta_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.meta_cost " + " ".join(sys.argv[1:] if argv is None else argv)
     table = f"""## Meta-training cost (`benchmarks/meta_cost.py`)
 
 Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process.

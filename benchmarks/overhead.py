@@ -1,13 +1,14 @@
 """What MetaPerturb costs on top of the plain network, in one run: training step (forward, backward, Adam) and
-eval forward time as ratios to the plain network, and the peak memory of a training step.
+eval forward time as ratios to the plain network, and the memory a training step keeps for its backward.
 
-    python benchmarks/overhead.py                 # the full table (about 10 minutes on 2 CPU cores)
-    python benchmarks/overhead.py --quick         # fewer repeats
+    python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.overhead --quick         # fewer repeats
 
 Rows: the project's φ (`timm_metaperturb.MetaPerturb`) and a straightforward reference implementation of the
 formulas written here (depthwise convolutions with the kernels repeated per channel, a grouped convolution with
 4C outputs for the scale statistics, separate elementwise operations). Times are medians over interleaved
-repeats; memory is the peak resident-set growth of one training step, each measured in a fresh process.
+repeats; memory is what autograd saves for the backward (distinct storages), the part of a training step's
+peak that φ's implementation decides.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from benchmarks.results import machine, write_section
 from timm_metaperturb import MetaPerturb, SiteStatistics, inject_metaperturb, set_eval_noise
 from timm_metaperturb.discovery import Site, discover_sites
+from timm_metaperturb.phi_reference import reference_perturb
 from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
 
 
 class ReferencePerturbation(SiteModule):
-    """The formulas, written out directly, applied at the same sites with the same φ weights."""
+    """The formulas, written out directly (`phi_reference.py`), applied at the same sites with the same φ."""
 
     def __init__(self, sites: list[Site], phi: MetaPerturb) -> None:
         super().__init__(sites)
@@ -40,26 +41,14 @@ class ReferencePerturbation(SiteModule):
         self.stats = torch.nn.ModuleDict({s.key: SiteStatistics(s.channels, phi.h_dim) for s in sites})
 
     def perturb(self, site: Site, h: torch.Tensor) -> torch.Tensor:
-        phi, stats, c = self.phi, self.stats[site.key], h.shape[1]
-
-        def depthwise(x, kernel):
-            return F.conv2d(x, kernel.repeat(c, 1, 1, 1), padding=1, groups=c)
-
-        def equivariant(x, layer):
-            return depthwise(x, layer.weight_self) + F.conv2d(x.mean(1, keepdim=True), layer.weight_mean, padding=1)
-
-        a = equivariant(F.relu(equivariant(h, phi.noise1)), phi.noise2)
-        z = F.softplus(a + torch.randn_like(a))
+        stats = self.stats[site.key]
+        running = None if stats.training else (stats.running_mean, stats.running_var)
+        out, (mean, var) = reference_perturb(self.phi, h, torch.randn_like(h), running)
         if stats.training:
-            f = F.relu(depthwise(h, phi.scale_kernels)).mean((2, 3)).view(h.shape[0], c, -1)
-            mean, var = f.mean(0), f.var(0)
             with torch.no_grad():
-                stats.running_mean.lerp_(mean, phi.momentum)
-                stats.running_var.lerp_(var, phi.momentum)
-        else:
-            mean, var = stats.running_mean, stats.running_var
-        s = phi.scale(mean, var, h.shape[-2]).view(1, c, 1, 1)
-        return torch.clamp(s * z * h, max=phi.clip)
+                stats.running_mean.lerp_(mean, self.phi.momentum)
+                stats.running_var.lerp_(var, self.phi.momentum)
+        return out
 
 
 def build(name: str, size: int, variant: str) -> torch.nn.Module:
@@ -85,93 +74,105 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def eval_fn(model: torch.nn.Module, x: torch.Tensor, passes: int = 1):
+def eval_fn(model: torch.nn.Module, x: torch.Tensor, passes: int = 1, noise: str | None = None):
+    """Eval forward(s); `noise` sets MetaPerturb's evaluation ("mean": deterministic, "sample": Monte-Carlo)."""
     model.eval()
 
     @torch.no_grad()
     def forward() -> None:
+        if noise is not None:
+            set_eval_noise(model, noise)
         for _ in range(passes):
             model(x)
 
     return forward
 
 
-def median_times(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Interleave the candidates so that machine noise hits them alike; median seconds per call."""
+def median_times(fns: dict, repeats: int, warmup: int = 2, device: str = "cpu") -> dict[str, float]:
+    """Interleave the candidates so that machine noise hits them alike; median seconds per call (on a GPU,
+    each call synchronised)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_memory_mb(name: str, size: int, variant: str, batch: int) -> float:
-    """Peak RSS growth (MB) over two training steps, from the state after building the model and the batch,
-    in a fresh process."""
-    code = (
-        "import resource, sys, torch; sys.path.insert(0, '.')\n"
-        "from benchmarks.overhead import build, train_step_fn\n"
-        f"torch.set_num_threads(2); model = build({name!r}, {size}, {variant!r})\n"
-        f"x, y = torch.randn({batch}, 3, {size}, {size}), torch.randint(0, 10, ({batch},))\n"
-        "step = train_step_fn(model, x, y); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "step(); step(); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def saved_memory_mb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Memory (MB) that autograd keeps from a training forward for the backward (distinct storages): what a
+    training step needs beyond weights and optimizer state, and what φ's implementation decides."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values()) / 2**20
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mc-passes", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="3 repeats, no memory measurement")
+    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     repeats = 3 if args.quick else args.repeats
     rows = []
     for name, size in CONFIGS:
-        x = torch.randn(args.batch_size, 3, size, size)
-        y = torch.randint(0, 10, (args.batch_size,))
-        models = {v: build(name, size, v) for v in ("plain", "project", "reference")}
-        train = median_times({v: train_step_fn(m, x, y) for v, m in models.items()}, repeats)
-        set_eval_noise(models["project"], "mean")
-        evals = {"plain": eval_fn(models["plain"], x), "single pass": eval_fn(models["project"], x)}
-        evals[f"MC-{args.mc_passes}"] = eval_fn(models["reference"], x, args.mc_passes)
-        evaluation = median_times(evals, repeats)
-        memory = {} if args.quick else {v: peak_memory_mb(name, size, v, args.batch_size) for v in models}
+        x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+        y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+        models = {v: build(name, size, v).to(args.device) for v in ("plain", "project", "reference")}
+        train = median_times({v: train_step_fn(m, x, y) for v, m in models.items()}, repeats, device=args.device)
+        evals = {
+            "plain": eval_fn(models["plain"], x),
+            "single pass": eval_fn(models["project"], x, noise="mean"),
+            f"MC-{args.mc_passes}": eval_fn(models["project"], x, args.mc_passes, noise="sample"),
+        }
+        evaluation = median_times(evals, repeats, device=args.device)
+        memory = {v: saved_memory_mb(m, x, y) for v, m in models.items()}
         rows.append((name, size, train, evaluation, memory))
         print(json.dumps({"model": name, "size": size, "train": train, "eval": evaluation, "memory": memory}))
 
     mc = f"MC-{args.mc_passes}"
     lines = [
         "| network | input | plain step (s) | project φ | reference φ | plain eval (s) | single pass | "
-        f"{mc} | peak memory, project / reference (x plain) |",
+        f"{mc} | memory kept for backward, project / reference (x plain) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, size, train, evaluation, memory in rows:
-        mem = "–"
-        if memory:
-            mem = f"{memory['project'] / memory['plain']:.2f} / {memory['reference'] / memory['plain']:.2f}"
+        mem = f"{memory['project'] / memory['plain']:.2f} / {memory['reference'] / memory['plain']:.2f}"
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
         lines.append(
             f"| {name} | {size}x{size} | {train['plain']:.3f} | {train['project'] / train['plain']:.2f}x | "
             f"{train['reference'] / train['plain']:.2f}x | {evaluation['plain']:.3f} | "
             f"{ratio['single pass']:.2f}x | {ratio[mc]:.2f}x | {mem} |"
         )
-    command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
-        f"2 threads; batch {args.batch_size}; medians of {repeats} interleaved repeats; ratios to the plain network "
-        "measured in the same run. Training step = forward, backward, Adam. Eval: one deterministic pass "
-        f"(noise replaced by its expectation) and {mc} ({args.mc_passes} stochastic passes, the reference's way).\n\n"
-        + "\n".join(lines)
+        f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; medians of {repeats} "
+        "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
+        "backward, Adam. Eval: one deterministic pass "
+        f"(noise replaced by its expectation) and {mc} ({args.mc_passes} sampled passes, the reference's way), both "
+        "with the project's φ.\n\n" + "\n".join(lines)
     )
     print(text)
-    write_section("overhead", text)
+    write_section("overhead" if args.device == "cpu" else f"overhead-{args.device}", text)
     return text
 
 

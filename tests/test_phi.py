@@ -5,32 +5,33 @@ import torch
 import torch.nn.functional as F
 
 from timm_metaperturb import MetaPerturb, SiteStatistics, load_official_checkpoint
+from timm_metaperturb.phi_reference import reference_perturb
 
 
-def reference_perturbation(state, h, eps, mean_var=None, k=1.0, c_norm=64.0, s_norm=32.0, clip=100.0):
-    """The reference computation written out from the formulas: depthwise convolutions with the shared kernels
-    repeated per channel, a grouped convolution with 4C outputs for the scale statistics."""
-    b, c, height, _ = h.shape
+def phi_from_authors_state(state: dict) -> MetaPerturb:
+    """φ built from the authors' state dict by hand, independently of `load_official_checkpoint`."""
+    phi = MetaPerturb()
+    with torch.no_grad():
+        for ours, theirs in [
+            (phi.noise1.weight_self, "phi_1.w_identity"),
+            (phi.noise1.weight_mean, "phi_1.w_all"),
+            (phi.noise2.weight_self, "phi_2.w_identity"),
+            (phi.noise2.weight_mean, "phi_2.w_all"),
+            (phi.scale_kernels, "kernel"),
+            (phi.scale_fc.weight, "fc.weight"),
+        ]:
+            ours.copy_(state[theirs].view_as(ours))
+    return phi
 
-    def depthwise(x, kernel):
-        return F.conv2d(x, kernel.repeat(c, 1, 1, 1), padding=1, groups=c)
 
-    def equivariant(x, w_identity, w_all):
-        return depthwise(x, w_identity) + F.conv2d(x.mean(1, keepdim=True), w_all, padding=1)
-
-    a = equivariant(
-        F.relu(equivariant(h, state["phi_1.w_identity"], state["phi_1.w_all"])),
-        *(state["phi_2.w_identity"], state["phi_2.w_all"]),
-    )
-    z = F.softplus(a + eps)
-    if mean_var is None:
-        f = F.relu(F.conv2d(h, state["kernel"].repeat(c, 1, 1, 1), padding=1, groups=c)).mean((2, 3)).view(b, c, 4)
-        mean_var = f.mean(0), f.var(0, unbiased=True)
-    mean, var = mean_var
-    sizes = torch.tensor([[c / c_norm, height / s_norm]]).expand(c, 2)
-    s = torch.sigmoid(torch.cat([mean, var, sizes], 1) @ state["fc.weight"].t()).view(1, c, 1, 1)
-    m = (s * z - 1) * k + 1
-    return torch.clamp(m * h, max=clip), mean_var
+def strong_phi(clip: float = 100.0) -> MetaPerturb:
+    """φ with large random weights, so that every term matters (and some outputs reach `clip`)."""
+    torch.manual_seed(0)
+    phi = MetaPerturb(clip=clip)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(std=0.5)
+    return phi
 
 
 def test_phi_has_82_parameters():
@@ -54,7 +55,7 @@ def test_official_checkpoint_recomputed_from_the_formulas(official_phi_path):
     stats = SiteStatistics(16, 4).train()
 
     out = phi(h, stats, strength=0.7, noise=eps)
-    expected, (mean, var) = reference_perturbation(state, h, eps, k=0.7)
+    expected, (mean, var) = reference_perturb(phi_from_authors_state(state), h, eps, strength=0.7)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # running estimates: momentum 0.1 from (0, 1), unbiased variance
     torch.testing.assert_close(stats.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
@@ -63,8 +64,47 @@ def test_official_checkpoint_recomputed_from_the_formulas(official_phi_path):
     stats.eval()
     h2 = torch.randn(3, 16, 12, 12)
     out_eval = phi(h2, stats, noise=eps[:3])
-    expected_eval, _ = reference_perturbation(state, h2, eps[:3], (stats.running_mean, stats.running_var))
+    expected_eval, _ = reference_perturb(
+        phi_from_authors_state(state), h2, eps[:3], (stats.running_mean, stats.running_var)
+    )
     torch.testing.assert_close(out_eval, expected_eval, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_fast_phi_equals_reference_forward_and_gradients(layout, strength):
+    """The fast φ (channels-last, custom backward, recomputation) against the formulas with autograd: output,
+    running statistics and the gradients to h and to all 82 parameters, with some outputs clipped."""
+    phi = strong_phi(clip=3.0)
+    h = (torch.randn(6, 5, 9, 9) * 2).contiguous(memory_format=layout).requires_grad_()
+    eps, grad_out = torch.randn(6, 5, 9, 9), torch.randn(6, 5, 9, 9)
+    stats = SiteStatistics(5, 4).train()
+
+    out = phi(h, stats, strength=strength, noise=eps)
+    expected, (mean, _) = reference_perturb(phi, h, eps, strength=strength)
+    assert (expected >= 3.0).any() and (expected < 3.0).any()
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    inputs = [h, *phi.parameters()]
+    fast_grads, reference_grads = (torch.autograd.grad(y, inputs, grad_out) for y in (out, expected))
+    for fast, ref in zip(fast_grads, reference_grads, strict=True):
+        assert fast.shape == ref.shape and fast.abs().sum() > 0
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fast_phi_equals_reference_at_eval_with_running_statistics():
+    phi = strong_phi()
+    stats = SiteStatistics(5, 4).eval()
+    stats.running_mean.uniform_(0, 1)
+    stats.running_var.uniform_(0.5, 2)
+    h = torch.randn(3, 5, 7, 7, requires_grad=True)
+    eps = torch.randn(3, 5, 7, 7)
+    out = phi.eval()(h, stats, noise=eps)
+    expected, _ = reference_perturb(phi, h, eps, (stats.running_mean, stats.running_var))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), h)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_official_checkpoint_with_wrong_keys_fails(tmp_path, official_phi_path):

@@ -7,9 +7,18 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from timm_metaperturb import get_injection
+from timm_metaperturb.data import Augmentation
 from timm_metaperturb.metrics import classification_metrics, expected_calibration_error
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer
-from timm_metaperturb.target_training import TargetConfig, annealed_strength, build_model, train_target
+from timm_metaperturb.target_training import (
+    TargetConfig,
+    annealed_strength,
+    build_model,
+    evaluate_modes,
+    prepare_data,
+    train_target,
+)
 
 TINY = dict(dataset="digits", max_per_class=10, test_rest=True, hflip=False, model="conv4", image_size=16,
             batch_size=32, steps=6, eval_every=3, eval_passes=2, final_passes=3, progress=False)  # fmt: skip
@@ -122,6 +131,20 @@ def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
     assert not any(k.startswith("metaperturb.") for k in timm_state(tmp_path / "run" / "network.safetensors"))
 
 
+def test_final_evaluation_modes(tmp_path, phi_dir):
+    """sample-N averages N sampled passes, 'mean' is one deterministic pass; a run reports every mode asked."""
+    cfg = TargetConfig(**{**TINY, "phi": phi_dir, "final_modes": "3,1,mean", "output": str(tmp_path / "run")})
+    run = train_target(cfg)
+    assert set(run["evaluations"]) == {"sample-1", "sample-3", "mean"}
+    train, test = prepare_data(cfg)
+    model, _ = build_model(cfg, len(train.class_names))
+    aug = Augmentation(cfg.crop_padding, cfg.hflip)
+    first, second = (evaluate_modes(model, test, aug, ["1", "3", "mean"]) for _ in range(2))
+    assert first["mean"] == second["mean"], "the deterministic pass gives the same metrics every time"
+    assert first["sample-1"] != second["sample-1"] and first["sample-1"] != first["sample-3"]
+    assert get_injection(model).phi.eval_noise == "sample", "the model's own evaluation mode is restored"
+
+
 def timm_state(path):
     from safetensors.torch import load_file
 
@@ -148,6 +171,7 @@ def test_fine_tuning_loads_all_but_a_new_classifier(tmp_path):
         ({"method": "base+metaperturb"}, "do not combine"),
         ({"test_rest": False}, r"no 'test' split.*--val-fraction"),
         ({"model": "resnet_nonexistent"}, "unknown model"),
+        ({"final_modes": "1,mc10"}, r"--final-modes \['mc10'\]"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, changes, message):

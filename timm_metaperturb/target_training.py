@@ -64,6 +64,7 @@ class TargetConfig:
     eval_passes: int = 5
     final_passes: int = 100
     eval_noise: str = "sample"
+    final_modes: str = ""
     crop_padding: int = 4
     hflip: bool = True
     placement: str = "pre_activation"
@@ -76,6 +77,7 @@ class TargetConfig:
     output: str = "outputs/target"
     plots: bool = True
     progress: bool = True
+    device: str = "cpu"
 
     def methods(self) -> list[str]:
         methods = [m.strip() for m in self.method.replace("+", ",").split(",") if m.strip()]
@@ -85,6 +87,13 @@ class TargetConfig:
         if "base" in methods and len(methods) > 1:
             raise ValueError("'base' means no regularizer: do not combine it with other methods")
         return [m for m in methods if m != "base"]
+
+    def final_eval_modes(self) -> list[str]:
+        modes = [m.strip() for m in self.final_modes.split(",") if m.strip()]
+        wrong = [m for m in modes if m != "mean" and not (m.isdigit() and int(m) > 0)]
+        if wrong:
+            raise ValueError(f"--final-modes {wrong}: use pass counts (e.g. 1,10,100) and/or 'mean'")
+        return modes
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -215,11 +224,31 @@ def annealed_strength(step: int, steps: int, anneal: float) -> float:
 def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, passes: int = 1) -> torch.Tensor:
     """Softmax probabilities averaged over `passes` forward passes (Monte-Carlo for stochastic methods)."""
     model.eval()
-    total = None
+    device, total = next(model.parameters()).device, None
     for _ in range(passes):
-        probs = torch.cat([F.softmax(model(normalise(chunk, aug)), 1) for chunk in images.split(512)])
+        probs = torch.cat([F.softmax(model(normalise(chunk.to(device), aug)), 1).cpu() for chunk in images.split(512)])
         total = probs if total is None else total + probs
     return total / passes
+
+
+def evaluate_modes(model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str]) -> dict[str, dict]:
+    """MetaPerturb's test metrics under several evaluations: "N" = Monte-Carlo average of N sampled passes (the
+    largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its expectation.
+    Keys: "sample-N" and "mean"."""
+    phi = get_injection(model).phi
+    noise, results, total = phi.eval_noise, {}, None
+    counts = sorted({int(m) for m in modes if m != "mean"})
+    phi.eval_noise = "sample"
+    for n in range(1, (counts[-1] if counts else 0) + 1):
+        probs = predict_proba(model, test.images, aug)
+        total = probs if total is None else total + probs
+        if n in counts:
+            results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
+    if "mean" in modes:
+        phi.eval_noise = "mean"
+        results["mean"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+    phi.eval_noise = noise
+    return results
 
 
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
@@ -227,10 +256,11 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     from tqdm.auto import tqdm
 
     started = time.time()
-    methods = cfg.methods()
+    methods, final_modes = cfg.methods(), cfg.final_eval_modes()
     train, test = prepare_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(cfg, len(train.class_names))
+    model.to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = [round(float(f) * cfg.steps) for f in cfg.milestones.split(",") if f.strip()]
@@ -254,7 +284,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
                 owner.strength = step / cfg.steps
         model.train()
         idx = sampler.next()
-        x, y = augment(train.images[idx], aug, sampler.generator), train.labels[idx]
+        x = augment(train.images[idx], aug, sampler.generator).to(cfg.device)
+        y = train.labels[idx].to(cfg.device)
         if mixup is not None:
             mixup.draw(len(y))
             x = mixup.mix_input(x)
@@ -292,6 +323,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
         "wall_time_s": time.time() - started,
     }
+    if "metaperturb" in attached and final_modes:
+        run["evaluations"] = evaluate_modes(model, test, aug, final_modes)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,20 +25,32 @@ TARGET = Path(__file__).with_name("target.py")
 METRICS = (("accuracy", "accuracy (%)", 2), ("nll", "NLL", 3), ("ece", "ECE (%)", 2))
 
 
-def run_one(runs_dir: Path, method: str, seed: int, target_args: list[str], threads: int) -> Path:
-    """One target run in its own process; skipped when its run.json already exists."""
-    output = runs_dir / method / f"seed{seed}"
+def run_one(output: Path, target_args: list[str], threads: int) -> Path:
+    """One run of train/target.py in its own process, writing to `output`; skipped when its run.json exists."""
     if (output / "run.json").is_file():
         return output
     output.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(TARGET), *target_args, "--method", method, "--seed", str(seed)]
-    command += ["--output", str(output), "--no-progress"]
+    command = [sys.executable, str(TARGET), *target_args, "--output", str(output), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(output / "log.txt", "w") as log:
         done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed (exit {done.returncode}); see {output / 'log.txt'}")
+        raise RuntimeError(f"{shlex.join(target_args)} failed (exit {done.returncode}); see {output / 'log.txt'}")
     return output
+
+
+def run_all(jobs: list[tuple[Path, list[str]]], workers: int) -> list[str]:
+    """Run (output, target arguments) jobs, `workers` at a time with the cores shared out between them. A failed
+    run does not stop the others; returns the failures' messages."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    failures = []
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(run_one, output, args, threads) for output, args in jobs]:
+            try:
+                future.result()
+            except RuntimeError as error:
+                failures.append(str(error))
+    return failures
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -76,11 +89,14 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(ours)
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    jobs = [(m, s) for s in seeds for m in methods]
-    with ThreadPoolExecutor(args.workers) as pool:
-        for future in [pool.submit(run_one, args.runs_dir, m, s, target_args, threads) for m, s in jobs]:
-            future.result()
+    run_all(
+        [
+            (args.runs_dir / m / f"seed{s}", [*target_args, "--method", m, "--seed", str(s)])
+            for s in seeds
+            for m in methods
+        ],
+        args.workers,
+    )
     table = comparison_table(args.runs_dir, methods, seeds)
     (args.runs_dir / "table.md").write_text(table + "\n")
     print(table)

@@ -38,6 +38,8 @@ HELP = {
     "eval_passes": "Monte-Carlo passes of stochastic methods at intermediate evaluations",
     "final_passes": "Monte-Carlo passes of stochastic methods at the final evaluation",
     "eval_noise": "MetaPerturb at eval: sample (Monte-Carlo over the passes) or mean (one deterministic pass)",
+    "device": "cpu, cuda or cuda:N",
+    "final_modes": "MetaPerturb: also report these final evaluations, e.g. 1,10,100,mean (N sampled passes, mean)",
 }
 
 

@@ -1,0 +1,168 @@
+"""Where a regularizer matters: data-scarce targets, every baseline, 3 seeds, tables in RESULTS.md.
+
+    python -m benchmarks.transfer --quick     # one seed, resnet20 only (about an hour on 2 CPU cores)
+    python -m benchmarks.transfer             # the full table: 5 target x network cells, 6 rows, 3 seeds
+
+Each run is one `train/target.py` process (one worker per core, the cores shared out), its JSON written to
+benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, so an interrupted table
+resumes where it stopped. MetaPerturb rows report every evaluation mode: one sampled pass, Monte-Carlo over
+10 and 100 passes, and the deterministic pass with the noise replaced by its expectation ("mean").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.results import RESULTS, machine, write_section
+from train.compare import run_all
+
+RUNS = Path(__file__).with_name("runs")  # one folder per device kind: runs/cpu, runs/cuda
+AUTHORS_PHI = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_phi_tin_resnet20.pth"
+TARGETS = {
+    "fmnist5-9": ["--dataset", "fashion_mnist", "--classes", "5-9", "--max-per-class", "100"],
+    "digits": ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip"],
+}
+CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4"), ("digits", "conv4"),
+         ("fmnist5-9", "resnet18")]  # fmt: skip
+BASELINES = ["base", "information_dropout", "dropblock", "manifold_mixup"]
+METRICS = (("accuracy", 2), ("nll", 3), ("ece", 2))
+SETUP = (
+    "Fashion-MNIST classes 5-9: 100 training images per class, all 5,000 test images; digits: 20 per class, the "
+    "other 1,597 as test, no horizontal flip. Rows: metaperturb = the shipped φ, metaperturb-authors = the "
+    "authors' φ (`official_phi_tin_resnet20.pth`). MetaPerturb evaluations: sample-N = Monte-Carlo over N sampled "
+    "passes, mean = one pass with the noise replaced by its expectation; baselines are deterministic (final)."
+)
+
+
+def rows(authors_phi: Path | None) -> dict[str, list[str]]:
+    """Table rows and the train/target.py arguments of each."""
+    table = {name: ["--method", name] for name in BASELINES}
+    table["metaperturb"] = ["--method", "metaperturb"]  # the shipped φ, meta-trained by this project
+    if authors_phi is not None:
+        table["metaperturb-authors"] = ["--method", "metaperturb", "--phi", str(authors_phi)]
+    return table
+
+
+def run_dir(runs: Path, cell: tuple[str, str], row: str, seed: int) -> Path:
+    return runs / f"{cell[0]}-{cell[1]}" / row / f"seed{seed}"
+
+
+def results(runs: Path, cell: tuple[str, str], row: str, seeds: list[int]) -> dict[str, list[dict]]:
+    """Finished runs' metrics per evaluation: "final" (baselines) or each MetaPerturb evaluation mode."""
+    found: dict[str, list[dict]] = {}
+    for seed in seeds:
+        path = run_dir(runs, cell, row, seed) / "run.json"
+        if path.is_file():
+            run = json.loads(path.read_text())
+            for mode, metrics in (run.get("evaluations") or {"final": run["final"]}).items():
+                found.setdefault(mode, []).append(metrics)
+    return found
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def cell_table(runs: Path, cell: tuple[str, str], names: list[str], seeds: list[int]) -> str:
+    lines = [f"**{cell[1]} on {cell[0]}**", "", "| row | evaluation | accuracy (%) | NLL | ECE (%) | seeds |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in names:
+        for mode, metrics in results(runs, cell, row, seeds).items():
+            cells = [mean_std([m[key] for m in metrics], digits) for key, digits in METRICS]
+            lines.append(f"| {row} | {mode} | " + " | ".join(cells) + f" | {len(metrics)} |")
+    return "\n".join(lines)
+
+
+def summary(runs: Path, cells: list[tuple[str, str]], names: list[str], seeds: list[int]) -> str:
+    """Mean accuracy over the cells where a row and evaluation finished everywhere, and its gain over base."""
+    per_row: dict[tuple[str, str], list[float]] = {}
+    for cell in cells:
+        for row in names:
+            for mode, metrics in results(runs, cell, row, seeds).items():
+                per_row.setdefault((row, mode), []).append(statistics.mean(m["accuracy"] for m in metrics))
+    complete = {k: v for k, v in per_row.items() if len(v) == len(cells)}
+    base = complete.get(("base", "final"))
+    lines = ["| row | evaluation | mean accuracy over cells (%) | minus base |", "| --- | --- | --- | --- |"]
+    for (row, mode), accs in complete.items():
+        gain = f"{statistics.mean(accs) - statistics.mean(base):+.2f}" if base else "–"
+        lines.append(f"| {row} | {mode} | {statistics.mean(accs):.2f} | {gain} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--modes", default="1,10,100,mean", help="MetaPerturb's final evaluation modes")
+    parser.add_argument(
+        "--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ (.pth); row skipped if absent"
+    )
+    parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cells", help="only these target:network cells, e.g. digits:resnet20,fmnist5-9:conv4")
+    parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file the tables go to")
+    parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
+    args = parser.parse_args(argv)
+    args.runs_dir = args.runs_dir or RUNS / args.device.split(":")[0]
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
+    if args.cells:
+        wanted = [tuple(c.split(":")) for c in args.cells.split(",")]
+        unknown = [c for c in wanted if c not in CELLS]
+        if unknown:
+            parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in CELLS)}")
+        cells = [c for c in cells if c in wanted]
+    authors = args.authors_phi if args.authors_phi.is_file() else None
+    if authors is None:
+        print(f"the authors' φ is not at {args.authors_phi}: its row is left out", file=sys.stderr)
+    table_rows = rows(authors)
+    if args.rows:
+        wanted_rows = args.rows.split(",")
+        if set(wanted_rows) - set(table_rows):
+            parser.error(f"unknown rows {set(wanted_rows) - set(table_rows)}; choose from {', '.join(table_rows)}")
+        table_rows = {k: v for k, v in table_rows.items() if k in wanted_rows}
+    common = ["--steps", str(args.steps), "--eval-every", str(args.steps), "--final-passes", "1",
+              "--final-modes", args.modes, "--no-plots", "--device", args.device]  # fmt: skip
+    jobs = [
+        (
+            run_dir(args.runs_dir, cell, row, seed),
+            [*TARGETS[cell[0]], "--model", cell[1], *extra, *common, "--seed", str(seed)],
+        )
+        for seed in seeds
+        for cell in cells
+        for row, extra in table_rows.items()
+    ]
+    started = time.time()
+    failures = [] if args.table_only else run_all(jobs, args.workers)
+    names = list(table_rows)
+    command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n\n".join(
+        [
+            f"## Transfer to data-scarce targets (`benchmarks/transfer.py`{', quick' if args.quick else ''})",
+            f"Command: `{command.strip()}`; machine: {machine()}; {args.workers} workers; {args.steps} steps per run; "
+            f"seeds {','.join(map(str, seeds))}; this invocation's wall time {(time.time() - started) / 60:.1f} min "
+            f"(runs already done were skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
+            summary(args.runs_dir, cells, names, seeds),
+            *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
+        ]
+    )
+    section = "transfer" + ("-quick" if args.quick else "") + ("" if args.device == "cpu" else "-" + args.device)
+    write_section(section, text, args.results)
+    print(text)
+    if failures:
+        sys.exit("failed runs (the table holds the others):\n" + "\n".join(failures))
+    return text
+
+
+if __name__ == "__main__":
+    main()
