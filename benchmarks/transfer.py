@@ -36,7 +36,8 @@ SETUP = (
     "Fashion-MNIST classes 5-9: 100 training images per class, all 5,000 test images; digits: 20 per class, the "
     "other 1,597 as test, no horizontal flip. Rows: metaperturb = the shipped φ, metaperturb-authors = the "
     "authors' φ (`official_phi_tin_resnet20.pth`). MetaPerturb evaluations: sample-N = Monte-Carlo over N sampled "
-    "passes, mean = one pass with the noise replaced by its expectation; baselines are deterministic (final)."
+    "passes, mean = one pass with the noise replaced by its expectation, mean-bn = the same after batch norm's "
+    "statistics are re-estimated in that mode on the training images; baselines are deterministic (final)."
 )
 
 
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--modes", default="1,10,100,mean", help="MetaPerturb's final evaluation modes")
+    parser.add_argument(
+        "--modes", help="MetaPerturb's final evaluations (default 1,10,100,mean,mean-bn; --quick: no 100)"
+    )
     parser.add_argument(
         "--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ (.pth); row skipped if absent"
     )
@@ -112,8 +115,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file the tables go to")
     parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
+    parser.add_argument("--machine", default=machine(), help="where the runs ran (for --table-only elsewhere)")
     args = parser.parse_args(argv)
     args.runs_dir = args.runs_dir or RUNS / args.device.split(":")[0]
+    args.modes = args.modes or ("1,10,mean,mean-bn" if args.quick else "1,10,100,mean,mean-bn")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
     if args.cells:
@@ -145,13 +150,16 @@ def main(argv: list[str] | None = None) -> str:
     started = time.time()
     failures = [] if args.table_only else run_all(jobs, args.workers)
     names = list(table_rows)
+    done = [json.loads(p.read_text()) for out, _ in jobs if (p := out / "run.json").is_file()]
+    compute = sum(run["wall_time_s"] for run in done) / 60
     command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n\n".join(
         [
             f"## Transfer to data-scarce targets (`benchmarks/transfer.py`{', quick' if args.quick else ''})",
-            f"Command: `{command.strip()}`; machine: {machine()}; {args.workers} workers; {args.steps} steps per run; "
-            f"seeds {','.join(map(str, seeds))}; this invocation's wall time {(time.time() - started) / 60:.1f} min "
-            f"(runs already done were skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
+            f"Command: `{command.strip()}`; machine: {args.machine}; {args.workers} workers; {args.steps} steps per "
+            f"run; seeds {','.join(map(str, seeds))}; {len(done)} of {len(jobs)} runs finished, {compute:.0f} min of "
+            f"run time in all (this invocation: {(time.time() - started) / 60:.1f} min wall; finished runs are "
+            f"skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
             summary(args.runs_dir, cells, names, seeds),
             *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
         ]

@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_metaperturb import get_injection
+from timm_metaperturb import get_injection, recalibrate_batchnorm
 from timm_metaperturb.data import Augmentation
 from timm_metaperturb.metrics import classification_metrics, expected_calibration_error
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer
@@ -132,17 +132,36 @@ def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
 
 
 def test_final_evaluation_modes(tmp_path, phi_dir):
-    """sample-N averages N sampled passes, 'mean' is one deterministic pass; a run reports every mode asked."""
-    cfg = TargetConfig(**{**TINY, "phi": phi_dir, "final_modes": "3,1,mean", "output": str(tmp_path / "run")})
+    """sample-N averages N sampled passes, 'mean' is one deterministic pass, 'mean-bn' the same after batch norm
+    is re-estimated in that mode; the model is left as it was; a run reports every mode asked."""
+    cfg = TargetConfig(**{**TINY, "phi": phi_dir, "final_modes": "3,1,mean,mean-bn", "output": str(tmp_path / "r")})
     run = train_target(cfg)
-    assert set(run["evaluations"]) == {"sample-1", "sample-3", "mean"}
+    assert set(run["evaluations"]) == {"sample-1", "sample-3", "mean", "mean-bn"}
     train, test = prepare_data(cfg)
     model, _ = build_model(cfg, len(train.class_names))
+    model.train()(torch.randn(32, 3, 16, 16) * 3)  # batch-norm statistics that the recalibration will replace
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
-    first, second = (evaluate_modes(model, test, aug, ["1", "3", "mean"]) for _ in range(2))
-    assert first["mean"] == second["mean"], "the deterministic pass gives the same metrics every time"
+    first, second = (evaluate_modes(model, test, aug, ["1", "3", "mean", "mean-bn"], train) for _ in range(2))
+    assert first["mean"] == second["mean"] and first["mean-bn"] == second["mean-bn"], "deterministic"
+    assert first["mean-bn"] != first["mean"], "the recalibrated statistics change the predictions"
     assert first["sample-1"] != second["sample-1"] and first["sample-1"] != first["sample-3"]
-    assert get_injection(model).phi.eval_noise == "sample", "the model's own evaluation mode is restored"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is left as it was"
+    assert get_injection(model).phi.eval_noise == "sample"
+
+
+def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():
+    model = timm.create_model("conv4", num_classes=3)
+    batches = [torch.randn(8, 3, 16, 16) * 2 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches) == 4 and not model.training
+    first_bn = model.blocks[0].bn
+    with torch.no_grad():
+        features = [model.blocks[0].conv(b) for b in batches]
+    expected_mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+    torch.testing.assert_close(first_bn.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    assert first_bn.momentum == 0.1
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm(model, [])
 
 
 def timm_state(path):

@@ -23,6 +23,7 @@ from .injection import (
 from .loading import load_phi
 from .official_checkpoint import load_official_checkpoint
 from .phi import MetaPerturb, SiteStatistics
+from .recalibration import recalibrate_batchnorm
 from .regularizers import DropBlock, InformationDropout, ManifoldMixup, add_regularizer
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "load_official_checkpoint",
     "load_phi",
     "models",
+    "recalibrate_batchnorm",
     "remove_metaperturb",
     "set_eval_noise",
     "set_perturb_strength",

@@ -31,6 +31,7 @@ from .data import (
 )
 from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_eval_noise, set_perturb_strength
 from .metrics import classification_metrics, reliability_bins
+from .recalibration import recalibrate_batchnorm
 from .regularizers import REGULARIZERS, DropBlock, add_regularizer
 from .tasks import parse_classes
 
@@ -90,9 +91,9 @@ class TargetConfig:
 
     def final_eval_modes(self) -> list[str]:
         modes = [m.strip() for m in self.final_modes.split(",") if m.strip()]
-        wrong = [m for m in modes if m != "mean" and not (m.isdigit() and int(m) > 0)]
+        wrong = [m for m in modes if m not in ("mean", "mean-bn") and not (m.isdigit() and int(m) > 0)]
         if wrong:
-            raise ValueError(f"--final-modes {wrong}: use pass counts (e.g. 1,10,100) and/or 'mean'")
+            raise ValueError(f"--final-modes {wrong}: use pass counts (e.g. 1,10,100), 'mean' and/or 'mean-bn'")
         return modes
 
 
@@ -231,22 +232,33 @@ def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, pas
     return total / passes
 
 
-def evaluate_modes(model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str]) -> dict[str, dict]:
+def evaluate_modes(
+    model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str], train: ImageTensors | None = None
+) -> dict[str, dict]:
     """MetaPerturb's test metrics under several evaluations: "N" = Monte-Carlo average of N sampled passes (the
-    largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its expectation.
-    Keys: "sample-N" and "mean"."""
+    largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its expectation,
+    "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
+    `recalibrate_batchnorm`). Keys: "sample-N", "mean", "mean-bn". The model is left as it was."""
     phi = get_injection(model).phi
     noise, results, total = phi.eval_noise, {}, None
-    counts = sorted({int(m) for m in modes if m != "mean"})
+    counts = sorted({int(m) for m in modes if m.isdigit()})
     phi.eval_noise = "sample"
     for n in range(1, (counts[-1] if counts else 0) + 1):
         probs = predict_proba(model, test.images, aug)
         total = probs if total is None else total + probs
         if n in counts:
             results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
+    phi.eval_noise = "mean"
     if "mean" in modes:
-        phi.eval_noise = "mean"
         results["mean"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+    if "mean-bn" in modes:
+        if train is None:
+            raise ValueError("the 'mean-bn' evaluation needs the training images")
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        device = next(model.parameters()).device
+        recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
+        results["mean-bn"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+        model.load_state_dict(state)
     phi.eval_noise = noise
     return results
 
@@ -324,7 +336,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "wall_time_s": time.time() - started,
     }
     if "metaperturb" in attached and final_modes:
-        run["evaluations"] = evaluate_modes(model, test, aug, final_modes)
+        run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
