@@ -2,6 +2,7 @@
 
     python -m benchmarks.transfer --quick     # one seed, resnet20 only (about an hour on 2 CPU cores)
     python -m benchmarks.transfer             # the full table: 5 target x network cells, 6 rows, 3 seeds
+    python -m benchmarks.transfer --regime    # base vs MetaPerturb at 20, 50, 100, 500 images per class
 
 Each run is one `train/target.py` process (one worker per core, the cores shared out), its JSON written to
 benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, so an interrupted table
@@ -30,6 +31,7 @@ TARGETS = {
 }
 CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4"), ("digits", "conv4"),
          ("fmnist5-9", "resnet18")]  # fmt: skip
+REGIME_SIZES = (20, 50, 100, 500)  # training images per class, resnet20 on Fashion-MNIST 5-9
 BASELINES = ["base", "information_dropout", "dropblock", "manifold_mixup"]
 METRICS = (("accuracy", 2), ("nll", 3), ("ece", 2))
 SETUP = (
@@ -39,6 +41,42 @@ SETUP = (
     "passes, mean = one pass with the noise replaced by its expectation, mean-bn = the same after batch norm's "
     "statistics are re-estimated in that mode on the training images; baselines are deterministic (final)."
 )
+
+
+def target_args(target: str) -> list[str]:
+    """A target's train/target.py arguments; "name@N" is that target with N training images per class."""
+    name, _, per_class = target.partition("@")
+    return TARGETS[name] + (["--max-per-class", per_class] if per_class else [])
+
+
+def regime_cell(per_class: int) -> tuple[str, str]:
+    return ("fmnist5-9" if per_class == 100 else f"fmnist5-9@{per_class}", "resnet20")
+
+
+def regime_plot(runs: Path, seeds: list[int], path: Path) -> None:
+    """Test accuracy against training images per class, base and each MetaPerturb evaluation, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for n in REGIME_SIZES:
+        for row in ("base", "metaperturb"):
+            for mode, metrics in results(runs, regime_cell(n), row, seeds).items():
+                accs = [m["accuracy"] for m in metrics]
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                curves.setdefault(f"{row} ({mode})", []).append((n, statistics.mean(accs), std))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        ax.errorbar(*zip(*points, strict=True), marker="o", capsize=3, label=label)
+    ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
+           title="resnet20, Fashion-MNIST classes 5-9, 800 steps")  # fmt: skip
+    ax.set_xticks(REGIME_SIZES, [str(n) for n in REGIME_SIZES])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def rows(authors_phi: Path | None) -> dict[str, list[str]]:
@@ -100,6 +138,7 @@ def summary(runs: Path, cells: list[tuple[str, str]], names: list[str], seeds: l
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
+    parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument(
@@ -121,11 +160,13 @@ def main(argv: list[str] | None = None) -> str:
     args.modes = args.modes or ("1,10,mean,mean-bn" if args.quick else "1,10,100,mean,mean-bn")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
+    if args.regime:
+        cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
     if args.cells:
         wanted = [tuple(c.split(":")) for c in args.cells.split(",")]
-        unknown = [c for c in wanted if c not in CELLS]
+        unknown = [c for c in wanted if c not in cells]
         if unknown:
-            parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in CELLS)}")
+            parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in cells)}")
         cells = [c for c in cells if c in wanted]
     authors = args.authors_phi if args.authors_phi.is_file() else None
     if authors is None:
@@ -141,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
     jobs = [
         (
             run_dir(args.runs_dir, cell, row, seed),
-            [*TARGETS[cell[0]], "--model", cell[1], *extra, *common, "--seed", str(seed)],
+            [*target_args(cell[0]), "--model", cell[1], *extra, *common, "--seed", str(seed)],
         )
         for seed in seeds
         for cell in cells
@@ -153,18 +194,25 @@ def main(argv: list[str] | None = None) -> str:
     done = [json.loads(p.read_text()) for out, _ in jobs if (p := out / "run.json").is_file()]
     compute = sum(run["wall_time_s"] for run in done) / 60
     command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
+    title = "Regime: accuracy against images per class" if args.regime else "Transfer to data-scarce targets"
+    plot = []
+    if args.regime:
+        regime_plot(args.runs_dir, seeds, args.results.with_name(f"regime-{args.device}.png"))
+        plot = [f"![regime](regime-{args.device}.png)  (Fashion-MNIST@N = N training images per class)"]
     text = "\n\n".join(
         [
-            f"## Transfer to data-scarce targets (`benchmarks/transfer.py`{', quick' if args.quick else ''})",
+            f"## {title} (`benchmarks/transfer.py`{', quick' if args.quick else ''})",
             f"Command: `{command.strip()}`; machine: {args.machine}; {args.workers} workers; {args.steps} steps per "
             f"run; seeds {','.join(map(str, seeds))}; {len(done)} of {len(jobs)} runs finished, {compute:.0f} min of "
             f"run time in all (this invocation: {(time.time() - started) / 60:.1f} min wall; finished runs are "
             f"skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
+            *plot,
             summary(args.runs_dir, cells, names, seeds),
             *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
         ]
     )
-    section = "transfer" + ("-quick" if args.quick else "") + ("" if args.device == "cpu" else "-" + args.device)
+    section = ("regime" if args.regime else "transfer") + ("-quick" if args.quick else "")
+    section += "" if args.device == "cpu" else "-" + args.device
     write_section(section, text, args.results)
     print(text)
     if failures:

@@ -148,6 +148,9 @@ def test_final_evaluation_modes(tmp_path, phi_dir):
     assert first["sample-1"] != second["sample-1"] and first["sample-1"] != first["sample-3"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is left as it was"
     assert get_injection(model).phi.eval_noise == "sample"
+    baseline = train_target(TargetConfig(**{**cfg.__dict__, "method": "dropblock", "output": str(tmp_path / "b")}))
+    assert set(baseline["evaluations"]) == {"final", "final-bn"}
+    assert baseline["evaluations"]["final"].items() <= baseline["final"].items()
 
 
 def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():

@@ -1,9 +1,11 @@
 """The transfer benchmark driver: runs every (cell, row, seed), tabulates MetaPerturb's evaluation modes,
 writes its section of the results file and resumes without re-running finished runs."""
 
+import json
+
 import pytest
 
-from benchmarks.transfer import main
+from benchmarks.transfer import REGIME_SIZES, main, regime_cell, regime_plot, run_dir, target_args
 
 
 def test_transfer_driver_tabulates_every_mode_and_resumes(tmp_path):
@@ -32,3 +34,16 @@ def test_transfer_driver_rejects_unknown_cells_and_rows(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*wrong, "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])
         assert "unknown" in capsys.readouterr().err
+
+
+def test_regime_cells_and_plot(tmp_path):
+    assert target_args("fmnist5-9@20")[-2:] == ["--max-per-class", "20"]
+    assert regime_cell(100) == ("fmnist5-9", "resnet20"), "100 per class is the main table's cell, not run twice"
+    for n in REGIME_SIZES:
+        for row, evaluations in (("base", {"final": n}), ("metaperturb", {"sample-10": n + 1, "mean-bn": n + 2})):
+            path = run_dir(tmp_path, regime_cell(n), row, 0) / "run.json"
+            path.parent.mkdir(parents=True)
+            metrics = {k: {"accuracy": v, "nll": 0.1, "ece": 1.0} for k, v in evaluations.items()}
+            path.write_text(json.dumps({"final": metrics[next(iter(metrics))], "evaluations": metrics}))
+    regime_plot(tmp_path, [0], tmp_path / "regime.png")
+    assert (tmp_path / "regime.png").read_bytes()[:4] == b"\x89PNG"

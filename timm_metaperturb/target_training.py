@@ -235,31 +235,37 @@ def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, pas
 def evaluate_modes(
     model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str], train: ImageTensors | None = None
 ) -> dict[str, dict]:
-    """MetaPerturb's test metrics under several evaluations: "N" = Monte-Carlo average of N sampled passes (the
-    largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its expectation,
-    "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
-    `recalibrate_batchnorm`). Keys: "sample-N", "mean", "mean-bn". The model is left as it was."""
-    phi = get_injection(model).phi
-    noise, results, total = phi.eval_noise, {}, None
-    counts = sorted({int(m) for m in modes if m.isdigit()})
-    phi.eval_noise = "sample"
+    """Test metrics under several evaluations. With MetaPerturb: "N" = Monte-Carlo average of N sampled passes
+    (the largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its
+    expectation, "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
+    `recalibrate_batchnorm`); keys "sample-N", "mean", "mean-bn". Without it (baselines): "final" and, for
+    "mean-bn", "final-bn" (the deterministic pass after the same re-estimation). The model is left as it was."""
+    injection = getattr(model, ATTRIBUTE, None)
+    phi = injection.phi if injection is not None else None
+    noise, results, total = phi.eval_noise if phi else None, {}, None
+    counts = sorted({int(m) for m in modes if m.isdigit()}) if phi else []
+    if phi:
+        phi.eval_noise = "sample"
     for n in range(1, (counts[-1] if counts else 0) + 1):
         probs = predict_proba(model, test.images, aug)
         total = probs if total is None else total + probs
         if n in counts:
             results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
-    phi.eval_noise = "mean"
-    if "mean" in modes:
-        results["mean"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+    if phi:
+        phi.eval_noise = "mean"
+    deterministic = "mean" if phi else "final"
+    if "mean" in modes or not phi:
+        results[deterministic] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
     if "mean-bn" in modes:
         if train is None:
             raise ValueError("the 'mean-bn' evaluation needs the training images")
         state = {k: v.clone() for k, v in model.state_dict().items()}
         device = next(model.parameters()).device
         recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
-        results["mean-bn"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+        results[f"{deterministic}-bn"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
         model.load_state_dict(state)
-    phi.eval_noise = noise
+    if phi:
+        phi.eval_noise = noise
     return results
 
 
@@ -335,7 +341,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
         "wall_time_s": time.time() - started,
     }
-    if "metaperturb" in attached and final_modes:
+    if final_modes:
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
