@@ -79,6 +79,31 @@ def regime_plot(runs: Path, seeds: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def card_rows(runs: Path, cells: list[tuple[str, str]], seeds: list[int], source: str) -> list[dict]:
+    """The shipped φ's transfer rows for its model card: mean accuracy of base and of each MetaPerturb
+    evaluation (the shipped φ and the authors'), per cell."""
+    table = []
+    for cell in cells:
+        row = {"target": cell[0], "network": cell[1]}
+        for name in ("base", "metaperturb", "metaperturb-authors"):
+            for mode, metrics in results(runs, cell, name, seeds).items():
+                if mode in ("final", "sample-1", "sample-10", "mean-bn"):
+                    label = "base" if name == "base" else f"{name.replace('metaperturb', 'φ')} {mode}"
+                    row[label] = f"{statistics.mean(m['accuracy'] for m in metrics):.2f} ({len(metrics)})"
+        table.append({**row, "measured": source})
+    return table
+
+
+def update_default_card(rows: list[dict]) -> None:
+    """Put transfer rows into the shipped φ's provenance and rewrite its folder (weights unchanged) and card."""
+    from timm_metaperturb import load_phi
+    from timm_metaperturb.loading import DEFAULT_PHI_DIR
+
+    phi = load_phi(None)
+    phi.provenance["results"] = rows
+    phi.save_pretrained(DEFAULT_PHI_DIR, model_card_kwargs={"phi_source": None})
+
+
 def rows(authors_phi: Path | None) -> dict[str, list[str]]:
     """Table rows and the train/target.py arguments of each."""
     table = {name: ["--method", name] for name in BASELINES}
@@ -155,6 +180,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file the tables go to")
     parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
     parser.add_argument("--machine", default=machine(), help="where the runs ran (for --table-only elsewhere)")
+    parser.add_argument("--update-card", action="store_true", help="write these rows into the shipped φ's card")
     args = parser.parse_args(argv)
     args.runs_dir = args.runs_dir or RUNS / args.device.split(":")[0]
     args.modes = args.modes or ("1,10,mean,mean-bn" if args.quick else "1,10,100,mean,mean-bn")
@@ -214,6 +240,9 @@ def main(argv: list[str] | None = None) -> str:
     section = ("regime" if args.regime else "transfer") + ("-quick" if args.quick else "")
     section += "" if args.device == "cpu" else "-" + args.device
     write_section(section, text, args.results)
+    if args.update_card:
+        source = f"`python -m benchmarks.transfer` ({args.steps} steps, {args.machine}), accuracy % (seeds)"
+        update_default_card(card_rows(args.runs_dir, cells, seeds, source))
     print(text)
     if failures:
         sys.exit("failed runs (the table holds the others):\n" + "\n".join(failures))

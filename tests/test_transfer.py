@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.transfer import REGIME_SIZES, main, regime_cell, regime_plot, run_dir, target_args
+from benchmarks.transfer import REGIME_SIZES, card_rows, main, regime_cell, regime_plot, run_dir, target_args
 
 
 def test_transfer_driver_tabulates_every_mode_and_resumes(tmp_path):
@@ -47,3 +47,6 @@ def test_regime_cells_and_plot(tmp_path):
             path.write_text(json.dumps({"final": metrics[next(iter(metrics))], "evaluations": metrics}))
     regime_plot(tmp_path, [0], tmp_path / "regime.png")
     assert (tmp_path / "regime.png").read_bytes()[:4] == b"\x89PNG"
+    rows = card_rows(tmp_path, [regime_cell(20)], [0], "here")
+    assert rows == [{"target": "fmnist5-9@20", "network": "resnet20", "base": "20.00 (1)", "φ sample-10": "21.00 (1)",
+                     "φ mean-bn": "22.00 (1)", "measured": "here"}]  # fmt: skip
