@@ -153,6 +153,14 @@ def test_final_evaluation_modes(tmp_path, phi_dir):
     assert baseline["evaluations"]["final"].items() <= baseline["final"].items()
 
 
+def test_mean_evaluation_re_estimates_batch_norm(tmp_path, phi_dir):
+    cfg = {**TINY, "phi": phi_dir, "eval_noise": "mean", "final_modes": "mean,mean-bn", "output": str(tmp_path)}
+    run = train_target(TargetConfig(**cfg))
+    assert run["final"]["passes"] == 1
+    assert run["evaluations"]["mean-bn"].items() <= run["final"].items()
+    assert run["evaluations"]["mean"]["nll"] != run["final"]["nll"]
+
+
 def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():
     model = timm.create_model("conv4", num_classes=3)
     batches = [torch.randn(8, 3, 16, 16) * 2 + 1 for _ in range(3)]

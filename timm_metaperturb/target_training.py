@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .data import (
     Augmentation,
@@ -232,6 +232,17 @@ def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, pas
     return total / passes
 
 
+def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentation, train: ImageTensors) -> Tensor:
+    """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
+    in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    device = next(model.parameters()).device
+    recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
+    probs = predict_proba(model, images, aug)
+    model.load_state_dict(state)
+    return probs
+
+
 def evaluate_modes(
     model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str], train: ImageTensors | None = None
 ) -> dict[str, dict]:
@@ -259,11 +270,8 @@ def evaluate_modes(
     if "mean-bn" in modes:
         if train is None:
             raise ValueError("the 'mean-bn' evaluation needs the training images")
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        device = next(model.parameters()).device
-        recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
-        results[f"{deterministic}-bn"] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
-        model.load_state_dict(state)
+        probs = predict_recalibrated(model, test.images, aug, train)
+        results[f"{deterministic}-bn"] = classification_metrics(probs, test.labels)
     if phi:
         phi.eval_noise = noise
     return results
@@ -286,6 +294,15 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
     sampler = EpochSampler(len(train), min(cfg.batch_size, len(train)), seed_for(cfg.seed, "batches"))
     stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
+    recalibrated = "metaperturb" in attached and cfg.eval_noise == "mean"
+
+    def test_proba(passes: int) -> Tensor:
+        """MetaPerturb's evaluation: Monte-Carlo over `passes`, or one deterministic pass after re-estimating
+        batch norm in that mode; other methods: one pass."""
+        if recalibrated:
+            return predict_recalibrated(model, test.images, aug, train)
+        return predict_proba(model, test.images, aug, passes if stochastic else 1)
+
     mixup = attached.get("manifold_mixup")
     info = attached.get("information_dropout")
     history, strengths = [], []
@@ -318,11 +335,11 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr")
         if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            probs = predict_proba(model, test.images, aug, cfg.eval_passes if stochastic else 1)
+            probs = test_proba(cfg.eval_passes)
             history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
             bar.set_postfix(acc=f"{history[-1]['accuracy']:.2f}")
     passes = cfg.final_passes if stochastic else 1
-    probs = predict_proba(model, test.images, aug, passes)
+    probs = test_proba(passes)
     final = {
         "step": cfg.steps,
         "train_loss": loss.item(),

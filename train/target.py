@@ -37,7 +37,8 @@ HELP = {
     "anneal": "MetaPerturb's strength k rises linearly to 1 over this fraction of the steps",
     "eval_passes": "Monte-Carlo passes of stochastic methods at intermediate evaluations",
     "final_passes": "Monte-Carlo passes of stochastic methods at the final evaluation",
-    "eval_noise": "MetaPerturb at eval: sample (Monte-Carlo over the passes) or mean (one deterministic pass)",
+    "eval_noise": "MetaPerturb at eval: sample (Monte-Carlo over the passes) or mean (one deterministic pass, "
+    "batch norm re-estimated in that mode on the training images first)",
     "device": "cpu, cuda or cuda:N",
     "final_modes": "MetaPerturb: also report these final evaluations, e.g. 1,10,100,mean (N sampled passes, mean)",
 }
