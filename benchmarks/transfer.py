@@ -101,6 +101,7 @@ def update_default_card(rows: list[dict]) -> None:
 
     phi = load_phi(None)
     phi.provenance["results"] = rows
+    (DEFAULT_PHI_DIR / "README.md").unlink(missing_ok=True)  # save_pretrained writes a card only where none is
     phi.save_pretrained(DEFAULT_PHI_DIR, model_card_kwargs={"phi_source": None})
 
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> str:
     section += "" if args.device == "cpu" else "-" + args.device
     write_section(section, text, args.results)
     if args.update_card:
-        source = f"`python -m benchmarks.transfer` ({args.steps} steps, {args.machine}), accuracy % (seeds)"
+        source = f"benchmarks/transfer.py, {args.device}, {args.steps} steps: accuracy % (seeds)"
         update_default_card(card_rows(args.runs_dir, cells, seeds, source))
     print(text)
     if failures:
