@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_metaperturb import get_injection, recalibrate_batchnorm
+from timm_metaperturb import get_injection, inject_metaperturb, recalibrate_batchnorm, set_eval_noise
 from timm_metaperturb.data import Augmentation
 from timm_metaperturb.metrics import classification_metrics, expected_calibration_error
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer
@@ -173,6 +173,17 @@ def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():
     assert first_bn.momentum == 0.1
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batchnorm(model, [])
+
+
+def test_set_eval_noise_mean_can_recalibrate_in_one_call(phi):
+    model = inject_metaperturb(timm.create_model("conv4", num_classes=3), phi, input_size=(3, 16, 16))
+    batch = torch.randn(8, 3, 16, 16) + 2
+    set_eval_noise(model, "mean", recalibrate=[batch])
+    assert get_injection(model).phi.eval_noise == "mean" and not model.training
+    reference = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("blocks.") and "running" in k}
+    assert all(v.abs().sum() > 0 for k, v in reference.items() if k.endswith("running_mean")), "re-estimated"
+    recalibrate_batchnorm(model, [batch])  # the same statistics: φ ran deterministically both times
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
 
 
 def timm_state(path):

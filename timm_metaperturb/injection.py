@@ -7,12 +7,15 @@ stay exactly as they were, and φ and the sites' statistics appear under the one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from .discovery import BlocksSpec, Site, discover_sites
 from .loading import PhiSource, load_phi
 from .phi import EVAL_NOISE, MetaPerturb, SiteStatistics
+from .recalibration import recalibrate_batchnorm
 from .sites import SiteModule, attach, attached, detach
 
 ATTRIBUTE = "metaperturb"
@@ -99,12 +102,16 @@ def _check_strength(strength: float) -> None:
         raise ValueError(f"the perturbation strength k must lie in [0, 1], got {strength}")
 
 
-def set_eval_noise(model: nn.Module, mode: str) -> None:
+def set_eval_noise(model: nn.Module, mode: str, recalibrate: Iterable[torch.Tensor] | None = None) -> None:
     """How φ treats its noise at eval: "sample" (the reference: average several stochastic passes) or "mean"
-    (the noise replaced by its expectation: one deterministic pass)."""
+    (the noise replaced by its expectation: one deterministic pass). With "mean", pass `recalibrate` (batches
+    of preprocessed training inputs) to re-estimate batch norm's statistics in that mode, without which the
+    deterministic pass loses accuracy (see `recalibrate_batchnorm`)."""
     if mode not in EVAL_NOISE:
         raise ValueError(f"eval noise must be one of {EVAL_NOISE}, got {mode!r}")
     get_injection(model).phi.eval_noise = mode
+    if recalibrate is not None:
+        recalibrate_batchnorm(model, recalibrate)
 
 
 def set_perturb_strength(model: nn.Module, strength: float) -> None:

@@ -21,7 +21,7 @@ from timm_metaperturb.target_training import TargetConfig, train_target
 
 # the embedded default job (no arguments): small enough for 5 minutes on 2 CPU cores
 DEFAULT_JOB = ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip", "--steps", "250",
-               "--eval-every", "125", "--final-passes", "10", "--output", "outputs/digits-metaperturb"]  # fmt: skip
+               "--eval-every", "125", "--output", "outputs/digits-metaperturb"]  # fmt: skip
 
 HELP = {
     "dataset": "fashion_mnist, digits, a local image folder, or a Hugging Face Hub dataset name",
@@ -37,8 +37,8 @@ HELP = {
     "anneal": "MetaPerturb's strength k rises linearly to 1 over this fraction of the steps",
     "eval_passes": "Monte-Carlo passes of stochastic methods at intermediate evaluations",
     "final_passes": "Monte-Carlo passes of stochastic methods at the final evaluation",
-    "eval_noise": "MetaPerturb at eval: sample (Monte-Carlo over the passes) or mean (one deterministic pass, "
-    "batch norm re-estimated in that mode on the training images first)",
+    "eval_noise": "MetaPerturb at eval: mean (default: one deterministic pass, batch norm re-estimated in that "
+    "mode on the training images first) or sample (Monte-Carlo over --eval-passes / --final-passes passes)",
     "device": "cpu, cuda or cuda:N",
     "final_modes": "MetaPerturb: also report these final evaluations, e.g. 1,10,100,mean (N sampled passes, mean)",
 }
