@@ -119,7 +119,9 @@ def test_information_dropout_kl_is_finite_and_positive():
 
 
 def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
-    run = train_target(TargetConfig(**{**TINY, "phi": phi_dir, "output": str(tmp_path / "run")}))
+    run = train_target(
+        TargetConfig(**{**TINY, "phi": phi_dir, "eval_noise": "sample", "output": str(tmp_path / "run")})
+    )
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["final"] == run["final"] and saved["final"]["passes"] == 3
     assert [h["step"] for h in saved["history"]] == [3, 6]
@@ -140,14 +142,14 @@ def test_final_evaluation_modes(tmp_path, phi_dir):
     train, test = prepare_data(cfg)
     model, _ = build_model(cfg, len(train.class_names))
     model.train()(torch.randn(32, 3, 16, 16) * 3)  # batch-norm statistics that the recalibration will replace
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before, mode = {k: v.clone() for k, v in model.state_dict().items()}, get_injection(model).phi.eval_noise
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
     first, second = (evaluate_modes(model, test, aug, ["1", "3", "mean", "mean-bn"], train) for _ in range(2))
     assert first["mean"] == second["mean"] and first["mean-bn"] == second["mean-bn"], "deterministic"
     assert first["mean-bn"] != first["mean"], "the recalibrated statistics change the predictions"
     assert first["sample-1"] != second["sample-1"] and first["sample-1"] != first["sample-3"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is left as it was"
-    assert get_injection(model).phi.eval_noise == "sample"
+    assert get_injection(model).phi.eval_noise == mode
     baseline = train_target(TargetConfig(**{**cfg.__dict__, "method": "dropblock", "output": str(tmp_path / "b")}))
     assert set(baseline["evaluations"]) == {"final", "final-bn"}
     assert baseline["evaluations"]["final"].items() <= baseline["final"].items()
