@@ -20,8 +20,8 @@ from timm_metaperturb.cli import config_parser
 from timm_metaperturb.target_training import TargetConfig, train_target
 
 # the embedded default job (no arguments): small enough for 5 minutes on 2 CPU cores
-DEFAULT_JOB = ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip", "--steps", "250",
-               "--eval-every", "125", "--output", "outputs/digits-metaperturb"]  # fmt: skip
+DEFAULT_JOB = ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip", "--steps", "400",
+               "--eval-every", "200", "--output", "outputs/digits-metaperturb"]  # fmt: skip
 
 HELP = {
     "dataset": "fashion_mnist, digits, a local image folder, or a Hugging Face Hub dataset name",
