@@ -70,15 +70,20 @@ def test_official_checkpoint_recomputed_from_the_formulas(official_phi_path):
     torch.testing.assert_close(out_eval, expected_eval, rtol=1e-5, atol=1e-5)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_fast_phi_equals_reference_forward_and_gradients(layout, strength):
+def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, device, monkeypatch):
     """The fast φ (channels-last, custom backward, recomputation) against the formulas with autograd: output,
     running statistics and the gradients to h and to all 82 parameters, with some outputs clipped."""
-    phi = strong_phi(clip=3.0)
-    h = (torch.randn(6, 5, 9, 9) * 2).contiguous(memory_format=layout).requires_grad_()
-    eps, grad_out = torch.randn(6, 5, 9, 9), torch.randn(6, 5, 9, 9)
-    stats = SiteStatistics(5, 4).train()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact float32 convolutions on a GPU
+    phi = strong_phi(clip=3.0).to(device)
+    h = (torch.randn(6, 5, 9, 9, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
+    eps, grad_out = torch.randn(6, 5, 9, 9, device=device), torch.randn(6, 5, 9, 9, device=device)
+    stats = SiteStatistics(5, 4).to(device).train()
 
     out = phi(h, stats, strength=strength, noise=eps)
     expected, (mean, _) = reference_perturb(phi, h, eps, strength=strength)
