@@ -33,6 +33,18 @@ def shared_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor
     return F.conv2d(x, kernel.expand(x.shape[1], -1, -1, -1), padding=kernel.shape[-1] // 2, groups=x.shape[1])
 
 
+def _shared_depthwise_backward(
+    grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, need_x: bool, need_kernel: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `shared_depthwise_conv(x, kernel)` to x and to the one (1, 1, k, k) kernel."""
+    channels, pad = x.shape[1], kernel.shape[-1] // 2
+    weight = kernel.expand(channels, -1, -1, -1).contiguous()
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [need_x, need_kernel, False]
+    )
+    return gx, gw.sum(0, keepdim=True) if gw is not None else None
+
+
 class _ScaleFeatures(torch.autograd.Function):
     """f[b, c, i] = mean over H, W of relu(K_i * x)[b, c] for every shared kernel K_i.
 
@@ -48,21 +60,17 @@ class _ScaleFeatures(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, kernels = ctx.saved_tensors
-        channels, pad = x.shape[1], kernels.shape[-1] // 2
         grad = grad / (x.shape[2] * x.shape[3])
         grad_x, grad_kernels = None, []
         for i, kernel in enumerate(kernels):
-            weight = kernel[None].expand(channels, -1, -1, -1).contiguous()
-            active = F.conv2d(x, weight, padding=pad, groups=channels).gt_(0.0)  # relu's derivative, as 0/1
-            grad_out = active.mul_(grad[:, :, i, None, None])
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
-            )  # fmt: skip
+            active = shared_depthwise_conv(x, kernel[None]).gt_(0.0)  # relu's derivative, as 0/1
+            gx, gk = _shared_depthwise_backward(
+                active.mul_(grad[:, :, i, None, None]), x, kernel[None], *ctx.needs_input_grad
+            )
             if gx is not None:
                 grad_x = gx if grad_x is None else grad_x.add_(gx)
-            if gw is not None:
-                grad_kernels.append(gw.sum(0))
+            if gk is not None:
+                grad_kernels.append(gk[0])
         return grad_x, torch.stack(grad_kernels) if grad_kernels else None
 
 
@@ -76,15 +84,12 @@ def _equivariant_backward(
     grad: torch.Tensor, x: torch.Tensor, weight_self: torch.Tensor, weight_mean: torch.Tensor, needs: tuple[bool, ...]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `_equivariant` to x, weight_self and weight_mean (each only where `needs` says)."""
-    channels, pad = x.shape[1], weight_self.shape[-1] // 2
-    conv = [[1, 1], [pad, pad], [1, 1], False, [0, 0]]
-    weight = weight_self.expand(channels, -1, -1, -1).contiguous()
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, *conv, channels, [needs[0], needs[1], False])
+    gx, gw = _shared_depthwise_backward(grad, x, weight_self, needs[0], needs[1])
     mean, grad_mean = x.mean(1, keepdim=True), grad.sum(1, keepdim=True)
-    gm, gwm, _ = torch.ops.aten.convolution_backward(grad_mean, mean, weight_mean, None, *conv, 1, [*needs[::2], False])
+    gm, gwm = _shared_depthwise_backward(grad_mean, mean, weight_mean, needs[0], needs[2])  # one channel: a plain conv
     if gx is not None:
-        gx.add_(gm / channels)
-    return gx, gw.sum(0, keepdim=True) if gw is not None else None, gwm
+        gx.add_(gm / x.shape[1])
+    return gx, gw, gwm
 
 
 class _SampledPerturbation(torch.autograd.Function):
