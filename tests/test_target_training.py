@@ -236,3 +236,11 @@ def test_comparison_driver_tabulates_and_resumes(tmp_path):
     assert len(stamps) == 4
     assert main(args) == table
     assert {p: p.stat().st_mtime for p in stamps} == stamps, "finished runs are not run again"
+
+
+def test_comparison_driver_reports_a_failed_run(tmp_path):
+    from train.compare import main
+
+    with pytest.raises(RuntimeError, match=r"--method no_such_method.*failed"):
+        main(["--runs-dir", str(tmp_path), "--methods", "no_such_method", "--seeds", "0", "--", "--dataset", "digits"])
+    assert not (tmp_path / "table.md").exists()

@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(ours)
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
-    run_all(
-        [
-            (args.runs_dir / m / f"seed{s}", [*target_args, "--method", m, "--seed", str(s)])
-            for s in seeds
-            for m in methods
-        ],
-        args.workers,
-    )
+    jobs = [
+        (args.runs_dir / m / f"seed{s}", [*target_args, "--method", m, "--seed", str(s)])
+        for s in seeds
+        for m in methods
+    ]
+    failures = run_all(jobs, args.workers)
+    if failures:
+        raise RuntimeError("\n".join(failures))
     table = comparison_table(args.runs_dir, methods, seeds)
     (args.runs_dir / "table.md").write_text(table + "\n")
     print(table)
