@@ -235,11 +235,12 @@ def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, pas
 def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentation, train: ImageTensors) -> Tensor:
     """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
     in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = [(b, b.clone()) for b in model.buffers()]  # the re-estimation changes batch norm's buffers only
     device = next(model.parameters()).device
     recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
     probs = predict_proba(model, images, aug)
-    model.load_state_dict(state)
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
     return probs
 
 
