@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> str:
         if set(wanted_rows) - set(table_rows):
             parser.error(f"unknown rows {set(wanted_rows) - set(table_rows)}; choose from {', '.join(table_rows)}")
         table_rows = {k: v for k, v in table_rows.items() if k in wanted_rows}
-    common = ["--steps", str(args.steps), "--eval-every", str(args.steps), "--final-passes", "1",
-              "--final-modes", args.modes, "--no-plots", "--device", args.device]  # fmt: skip
+    # every evaluation the table reads comes from --final-modes; the run's own final one is a single sampled pass
+    common = ["--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-noise", "sample",
+              "--final-passes", "1", "--final-modes", args.modes, "--no-plots", "--device", args.device]  # fmt: skip
     jobs = [
         (
             run_dir(args.runs_dir, cell, row, seed),
