@@ -23,7 +23,8 @@ from pathlib import Path
 from benchmarks.results import RESULTS, machine, write_section
 from train.compare import run_all
 
-RUNS = Path(__file__).with_name("runs")  # one folder per device kind: runs/cpu, runs/cuda
+RUNS = Path(__file__).with_name("runs")  # one folder per device kind and length: runs/cpu, runs/cuda-10000steps
+STEPS = 800  # every row of the table; the paper's 10,000 where a GPU allows it (--steps)
 AUTHORS_PHI = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_phi_tin_resnet20.pth"
 TARGETS = {
     "fmnist5-9": ["--dataset", "fashion_mnist", "--classes", "5-9", "--max-per-class", "100"],
@@ -166,14 +167,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
     parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument(
         "--modes", help="MetaPerturb's final evaluations (default 1,10,100,mean,mean-bn; --quick: no 100)"
     )
     parser.add_argument(
         "--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ (.pth); row skipped if absent"
     )
-    parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>")
+    parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>[-<steps>steps]")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cells", help="only these target:network cells, e.g. digits:resnet20,fmnist5-9:conv4")
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--machine", default=machine(), help="where the runs ran (for --table-only elsewhere)")
     parser.add_argument("--update-card", action="store_true", help="write these rows into the shipped φ's card")
     args = parser.parse_args(argv)
-    args.runs_dir = args.runs_dir or RUNS / args.device.split(":")[0]
+    length = "" if args.steps == STEPS else f"-{args.steps}steps"  # runs of another length are another table
+    args.runs_dir = args.runs_dir or RUNS / (args.device.split(":")[0] + length)
     args.modes = args.modes or ("1,10,mean,mean-bn" if args.quick else "1,10,100,mean,mean-bn")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> str:
         ]
     )
     section = ("regime" if args.regime else "transfer") + ("-quick" if args.quick else "")
-    section += "" if args.device == "cpu" else "-" + args.device
+    section += ("" if args.device == "cpu" else "-" + args.device) + length
     write_section(section, text, args.results)
     if args.update_card:
         source = f"benchmarks/transfer.py, {args.device}, {args.steps} steps: accuracy % (seeds)"
