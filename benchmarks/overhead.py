@@ -4,11 +4,12 @@ eval forward time as ratios to the plain network, and the memory a training step
     python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
     python -m benchmarks.overhead --quick         # fewer repeats
 
-Rows: the project's φ (`timm_metaperturb.MetaPerturb`) and a straightforward reference implementation of the
-formulas written here (depthwise convolutions with the kernels repeated per channel, a grouped convolution with
-4C outputs for the scale statistics, separate elementwise operations). Times are medians over interleaved
-repeats; memory is what autograd saves for the backward (distinct storages), the part of a training step's
-peak that φ's implementation decides.
+Rows: the project's φ (`timm_metaperturb.MetaPerturb`) as it runs on CPU (eps kept for the backward) and on
+accelerators (eps drawn again in the backward from its seed, `redraw_noise`), and a straightforward reference
+implementation of the formulas written here (depthwise convolutions with the kernels repeated per channel, a
+grouped convolution with 4C outputs for the scale statistics, separate elementwise operations). Times are
+medians over interleaved repeats; memory is what autograd saves for the backward (distinct storages), the part
+of a training step's peak that φ's implementation decides.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from timm_metaperturb.phi_reference import reference_perturb
 from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
+VARIANTS = {"kept": False, "redrawn": True}  # the project's φ, its redraw_noise (CPU default: kept; GPU: redrawn)
 
 
 class ReferencePerturbation(SiteModule):
@@ -54,8 +56,10 @@ class ReferencePerturbation(SiteModule):
 def build(name: str, size: int, variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
-    if variant == "project":
-        inject_metaperturb(model, MetaPerturb(), input_size=(3, size, size))
+    if variant in VARIANTS:
+        phi = MetaPerturb()
+        phi.redraw_noise = VARIANTS[variant]
+        inject_metaperturb(model, phi, input_size=(3, size, size))
     elif variant == "reference":
         sites = discover_sites(model, input_size=(3, size, size))
         attach(model, ReferencePerturbation(sites, MetaPerturb().requires_grad_(False)), "reference")
@@ -136,12 +140,12 @@ def main(argv: list[str] | None = None) -> str:
     for name, size in CONFIGS:
         x = torch.randn(args.batch_size, 3, size, size, device=args.device)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-        models = {v: build(name, size, v).to(args.device) for v in ("plain", "project", "reference")}
+        models = {v: build(name, size, v).to(args.device) for v in ("plain", *VARIANTS, "reference")}
         train = median_times({v: train_step_fn(m, x, y) for v, m in models.items()}, repeats, device=args.device)
         evals = {
             "plain": eval_fn(models["plain"], x),
-            "single pass": eval_fn(models["project"], x, noise="mean"),
-            f"MC-{args.mc_passes}": eval_fn(models["project"], x, args.mc_passes, noise="sample"),
+            "single pass": eval_fn(models["kept"], x, noise="mean"),
+            f"MC-{args.mc_passes}": eval_fn(models["kept"], x, args.mc_passes, noise="sample"),
         }
         evaluation = median_times(evals, repeats, device=args.device)
         memory = {v: saved_memory_mb(m, x, y) for v, m in models.items()}
@@ -150,17 +154,18 @@ def main(argv: list[str] | None = None) -> str:
 
     mc = f"MC-{args.mc_passes}"
     lines = [
-        "| network | input | plain step (s) | project φ | reference φ | plain eval (s) | single pass | "
-        f"{mc} | memory kept for backward, project / reference (x plain) |",
+        "| network | input | plain step (s) | project φ, eps kept / redrawn | reference φ | plain eval (s) | "
+        f"single pass | {mc} | memory kept for backward, project kept / redrawn / reference (x plain) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, size, train, evaluation, memory in rows:
-        mem = f"{memory['project'] / memory['plain']:.2f} / {memory['reference'] / memory['plain']:.2f}"
+        step = {k: v / train["plain"] for k, v in train.items()}
+        mem = " / ".join(f"{memory[v] / memory['plain']:.2f}" for v in (*VARIANTS, "reference"))
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
         lines.append(
-            f"| {name} | {size}x{size} | {train['plain']:.3f} | {train['project'] / train['plain']:.2f}x | "
-            f"{train['reference'] / train['plain']:.2f}x | {evaluation['plain']:.3f} | "
-            f"{ratio['single pass']:.2f}x | {ratio[mc]:.2f}x | {mem} |"
+            f"| {name} | {size}x{size} | {train['plain']:.3f} | {step['kept']:.2f}x / {step['redrawn']:.2f}x | "
+            f"{step['reference']:.2f}x | {evaluation['plain']:.3f} | {ratio['single pass']:.2f}x | {ratio[mc]:.2f}x | "
+            f"{mem} |"
         )
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (

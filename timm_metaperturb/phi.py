@@ -92,26 +92,41 @@ def _equivariant_backward(
     return gx, gw, gwm
 
 
+def draw_noise(seed: int, like: torch.Tensor) -> torch.Tensor:
+    """eps ~ N(0, 1) of like's shape, channels-last, from its own generator seeded with `seed`: the backward can
+    draw the same eps again instead of storing it. Drawn as (B, H, W, C): randn_like on a channels-last map is 10x
+    slower on CPU."""
+    generator = torch.Generator(like.device).manual_seed(seed)
+    b, c, h, w = like.shape
+    return torch.randn(b, h, w, c, generator=generator, device=like.device).permute(0, 3, 1, 2)
+
+
 class _SampledPerturbation(torch.autograd.Function):
     """φ's noise path and modulation in one: out = min(m * x, clip), m = (s * softplus(u) - 1) * k + 1,
     u = E2(relu(E1(x))) + eps, with the gradient written out.
 
-    It keeps only x and u for the backward (autograd would keep seven full-size intermediates) and recomputes
-    E1's output there: one cheap layer against a feature map's worth of memory per site. Channels-last.
+    Autograd would keep seven full-size intermediates; this keeps x and either u or, where drawing eps again is
+    cheap (`redraw`: eps given by its seed), nothing more: the backward recomputes E1's output (and then u) from
+    x, one or two cheap layers against a feature map's worth of memory per site. Channels-last.
     """
 
     @staticmethod
-    def forward(ctx, x, eps, s, w1_self, w1_mean, w2_self, w2_mean, strength: float, clip: float) -> torch.Tensor:
+    def forward(ctx, x, noise: torch.Tensor | int, redraw: bool, s, w1_self, w1_mean, w2_self, w2_mean,
+                strength: float, clip: float) -> torch.Tensor:  # fmt: skip
+        eps = draw_noise(noise, x) if isinstance(noise, int) else noise
         u = _equivariant(F.relu_(_equivariant(x, w1_self, w1_mean)), w2_self, w2_mean).add_(eps)
-        ctx.save_for_backward(x, u, s, w1_self, w1_mean, w2_self, w2_mean)
-        ctx.strength, ctx.clip = strength, clip
+        redraw = redraw and isinstance(noise, int)
+        ctx.save_for_backward(x, s, w1_self, w1_mean, w2_self, w2_mean, *([] if redraw else [u]))
+        ctx.strength, ctx.clip, ctx.seed = strength, clip, noise if redraw else None
         return _modulate(x, F.softplus(u), s, strength, clip, in_place=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, u, s, w1_self, w1_mean, w2_self, w2_mean = ctx.saved_tensors
-        need_x, _, need_s, *need_w = ctx.needs_input_grad[:7]
+        x, s, w1_self, w1_mean, w2_self, w2_mean, *kept = ctx.saved_tensors
+        need_x, _, _, need_s, *need_w = ctx.needs_input_grad[:8]
         k, grad = ctx.strength, grad.contiguous(memory_format=torch.channels_last)
+        r = F.relu_(_equivariant(x, w1_self, w1_mean))
+        u = kept[0] if kept else _equivariant(r, w2_self, w2_mean).add_(draw_noise(ctx.seed, x))
         z = F.softplus(u)
         m = z * (s * k) + (1.0 - k)
         grad = torch.ops.aten.threshold_backward(grad, torch.rsub(m * x, ctx.clip), 0.0)  # 0 where clipped
@@ -121,12 +136,11 @@ class _SampledPerturbation(torch.autograd.Function):
         grad_w: list[torch.Tensor | None] = [None] * 4
         if need_x or any(need_w):
             grad_u = grad_mx.mul_(s * k).mul_(torch.sigmoid(u))
-            r = F.relu_(_equivariant(x, w1_self, w1_mean))
             grad_r, grad_w[2], grad_w[3] = _equivariant_backward(grad_u, r, w2_self, w2_mean, (True, *need_w[2:]))
             grad_pre = torch.ops.aten.threshold_backward(grad_r, r, 0.0)
             gx, grad_w[0], grad_w[1] = _equivariant_backward(grad_pre, x, w1_self, w1_mean, (need_x, *need_w[:2]))
             grad_x = grad_x.add_(gx) if need_x else None
-        return grad_x, None, grad_s, *grad_w, None, None
+        return grad_x, None, None, grad_s, *grad_w, None, None
 
 
 def _modulate(
@@ -161,6 +175,7 @@ def _relayout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
 
 
 EVAL_NOISE = ("sample", "mean")
+COMPONENTS = ("noise", "scale")  # φ's two factors: the input-dependent noise z and the per-channel scale s
 _GRID_LIMIT, _GRID_STEP = 16.0, 1.0 / 256
 
 
@@ -264,6 +279,10 @@ class MetaPerturb(
         self.momentum = float(momentum)
         self.provenance: dict = {}  # how this φ was made: source data, network, steps, command, results
         self.eval_noise = "sample"  # at eval: "sample" eps (the reference) or use its expectation ("mean")
+        # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: on
+        # accelerators (where drawing is cheap), not on CPU (where drawing costs as much as a convolution)
+        self.redraw_noise: bool | None = None
+        self.components = COMPONENTS
         self.noise1 = EquivariantConv2d(kernel_size)
         self.noise2 = EquivariantConv2d(kernel_size)
         self.scale_kernels = nn.Parameter(torch.empty(h_dim, 1, kernel_size, kernel_size))
@@ -289,6 +308,18 @@ class MetaPerturb(
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Which of φ's factors act: both (default); ("noise",) fixes s = 1, ("scale",) fixes z = 1 (ablations)."""
+        return self._components
+
+    @components.setter
+    def components(self, value: tuple[str, ...] | list[str]) -> None:
+        value = tuple(value)
+        if not value or set(value) - set(COMPONENTS):
+            raise ValueError(f"φ's components must be a non-empty subset of {COMPONENTS}, got {value}")
+        self._components = value
 
     # -- the two halves of φ ---------------------------------------------------------------------------
 
@@ -355,18 +386,26 @@ class MetaPerturb(
         with torch.autocast(device_type=h.device.type, enabled=False):
             x = h.float()
             x_cl = _channels_last(x)
-            mean, var = self.channel_statistics(x_cl, stats, site)
-            s = self.scale(mean, var, x.shape[-2]).view(1, -1, 1, 1)
-            if not self.training and self.eval_noise == "mean":
+            if "scale" in self.components:
+                mean, var = self.channel_statistics(x_cl, stats, site)
+                s = self.scale(mean, var, x.shape[-2]).view(1, -1, 1, 1)
+            else:
+                s = x.new_ones(1, x.shape[1], 1, 1)
+            if "noise" not in self.components:
+                out = _modulate(x_cl, x.new_ones(()).expand_as(x_cl), s, strength, self.clip, in_place=False)
+            elif not self.training and self.eval_noise == "mean":
                 z = expected_softplus(self.noise_logits(x_cl))
                 out = _modulate(x_cl, z, s, strength, self.clip, in_place=not z.requires_grad)
             else:
-                if noise is None:  # drawn as (B, H, W, C): randn_like on a channels-last map is 10x slower on CPU
-                    eps = torch.randn(x.shape[0], *x.shape[2:], x.shape[1], device=x.device).permute(0, 3, 1, 2)
-                else:
-                    eps = _relayout(noise.float(), torch.channels_last)
+                # eps from a seed drawn from torch's generator, so the backward can draw it again (redraw_noise)
+                eps = (
+                    int(torch.randint(2**62, ()).item())
+                    if noise is None
+                    else _relayout(noise.float(), torch.channels_last)
+                )
+                redraw = x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise
                 weights = [
                     w.float() for layer in (self.noise1, self.noise2) for w in (layer.weight_self, layer.weight_mean)
                 ]
-                out = _SampledPerturbation.apply(x_cl, eps, s, *weights, strength, self.clip)
+                out = _SampledPerturbation.apply(x_cl, eps, redraw, s, *weights, strength, self.clip)
         return _relayout(out, _layout(x)).to(h.dtype)
