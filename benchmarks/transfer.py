@@ -3,6 +3,8 @@
     python -m benchmarks.transfer --quick     # one seed, resnet20 only (about an hour on 2 CPU cores)
     python -m benchmarks.transfer             # the full table: 5 target x network cells, 6 rows, 3 seeds
     python -m benchmarks.transfer --regime    # base vs MetaPerturb at 20, 50, 100, 500 images per class
+    python -m benchmarks.transfer --ablation  # what each part of MetaPerturb contributes (resnet20, Fashion-MNIST)
+    python -m benchmarks.transfer --phi-row meta150=outputs/meta-150/phi   # a row for another φ
 
 Each run is one `train/target.py` process (one worker per core, the cores shared out), its JSON written to
 benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, so an interrupted table
@@ -34,6 +36,12 @@ CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4
          ("fmnist5-9", "resnet18")]  # fmt: skip
 REGIME_SIZES = (20, 50, 100, 500)  # training images per class, resnet20 on Fashion-MNIST 5-9
 BASELINES = ["base", "information_dropout", "dropblock", "manifold_mixup"]
+ABLATIONS = {  # rows beside base and metaperturb on resnet20 / Fashion-MNIST 5-9: one change to the shipped φ's run
+    "metaperturb-output-placement": ["--placement", "output"],  # after the block's activation, not before it
+    "metaperturb-no-annealing": ["--anneal", "0"],  # full strength from the first step
+    "metaperturb-no-scale": ["--phi-components", "noise"],  # s fixed to 1
+    "metaperturb-no-noise": ["--phi-components", "scale"],  # z fixed to 1: a deterministic channel scale
+}
 METRICS = (("accuracy", 2), ("nll", 3), ("ece", 2))
 SETUP = (
     "Fashion-MNIST classes 5-9: 100 training images per class, all 5,000 test images; digits: 20 per class, the "
@@ -41,6 +49,13 @@ SETUP = (
     "authors' φ (`official_phi_tin_resnet20.pth`). MetaPerturb evaluations: sample-N = Monte-Carlo over N sampled "
     "passes, mean = one pass with the noise replaced by its expectation, mean-bn = the same after batch norm's "
     "statistics are re-estimated in that mode on the training images; baselines are deterministic (final)."
+)
+
+ABLATION_SETUP = (
+    "Ablation rows, each one change to the shipped φ's run (metaperturb): output-placement = φ after each block's "
+    "closing activation instead of before it; no-annealing = strength k = 1 from the first step (default: rising "
+    "over 40% of the steps); no-scale = s fixed to 1 (only the noise z); no-noise = z fixed to 1 (only the "
+    "channel scale s); metaperturb-NAME rows = another φ (`--phi-row`), e.g. one meta-trained for fewer steps."
 )
 
 
@@ -106,12 +121,17 @@ def update_default_card(rows: list[dict]) -> None:
     phi.save_pretrained(DEFAULT_PHI_DIR, model_card_kwargs={"phi_source": None})
 
 
-def rows(authors_phi: Path | None) -> dict[str, list[str]]:
-    """Table rows and the train/target.py arguments of each."""
-    table = {name: ["--method", name] for name in BASELINES}
+def rows(authors_phi: Path | None, phis: dict[str, str], ablation: bool) -> dict[str, list[str]]:
+    """Table rows and the train/target.py arguments of each: the baselines, or with `ablation` base and the
+    ablations; MetaPerturb with the shipped φ, the authors' (when there) and each of `phis` (row name: path)."""
+    table = {name: ["--method", name] for name in (["base"] if ablation else BASELINES)}
     table["metaperturb"] = ["--method", "metaperturb"]  # the shipped φ, meta-trained by this project
     if authors_phi is not None:
         table["metaperturb-authors"] = ["--method", "metaperturb", "--phi", str(authors_phi)]
+    for name, path in phis.items():
+        table[f"metaperturb-{name}"] = ["--method", "metaperturb", "--phi", path]
+    if ablation:
+        table.update({name: ["--method", "metaperturb", *extra] for name, extra in ABLATIONS.items()})
     return table
 
 
@@ -166,6 +186,10 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
     parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
+    parser.add_argument("--ablation", action="store_true", help="the ablation rows on resnet20 / Fashion-MNIST 5-9")
+    parser.add_argument(
+        "--phi-row", action="append", default=[], metavar="NAME=PATH", help="add a row metaperturb-NAME with this φ"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument(
@@ -191,6 +215,11 @@ def main(argv: list[str] | None = None) -> str:
     cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
     if args.regime:
         cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
+    if args.ablation:
+        cells = [("fmnist5-9", "resnet20")]
+    phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
+    if len(phis) != len(args.phi_row):
+        parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")
     if args.cells:
         wanted = [tuple(c.split(":")) for c in args.cells.split(",")]
         unknown = [c for c in wanted if c not in cells]
@@ -200,7 +229,7 @@ def main(argv: list[str] | None = None) -> str:
     authors = args.authors_phi if args.authors_phi.is_file() else None
     if authors is None:
         print(f"the authors' φ is not at {args.authors_phi}: its row is left out", file=sys.stderr)
-    table_rows = rows(authors)
+    table_rows = rows(authors, phis, args.ablation)
     if args.rows:
         wanted_rows = args.rows.split(",")
         if set(wanted_rows) - set(table_rows):
@@ -224,7 +253,9 @@ def main(argv: list[str] | None = None) -> str:
     done = [json.loads(p.read_text()) for out, _ in jobs if (p := out / "run.json").is_file()]
     compute = sum(run["wall_time_s"] for run in done) / 60
     command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
-    title = "Regime: accuracy against images per class" if args.regime else "Transfer to data-scarce targets"
+    kind = "regime" if args.regime else "ablation" if args.ablation else "transfer"
+    title = {"regime": "Regime: accuracy against images per class", "ablation": "Ablations",
+             "transfer": "Transfer to data-scarce targets"}[kind]  # fmt: skip
     plot = []
     if args.regime:
         regime_plot(args.runs_dir, seeds, args.results.with_name(f"regime-{args.device}.png"))
@@ -237,11 +268,12 @@ def main(argv: list[str] | None = None) -> str:
             f"run time in all (this invocation: {(time.time() - started) / 60:.1f} min wall; finished runs are "
             f"skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
             *plot,
+            *([ABLATION_SETUP] if args.ablation else []),
             summary(args.runs_dir, cells, names, seeds),
             *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
         ]
     )
-    section = ("regime" if args.regime else "transfer") + ("-quick" if args.quick else "")
+    section = kind + ("-quick" if args.quick else "")
     section += ("" if args.device == "cpu" else "-" + args.device) + length
     write_section(section, text, args.results)
     if args.update_card:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_metaperturb import MetaPerturb, SiteStatistics, load_official_checkpoint
+from timm_metaperturb.phi import draw_noise
 from timm_metaperturb.phi_reference import reference_perturb
 
 
@@ -76,16 +77,25 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, device, monkeypatch):
+@pytest.mark.parametrize("noise", ["given", "drawn, kept", "drawn, redrawn"])
+def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, noise, device, monkeypatch):
     """The fast φ (channels-last, custom backward, recomputation) against the formulas with autograd: output,
-    running statistics and the gradients to h and to all 82 parameters, with some outputs clipped."""
+    running statistics and the gradients to h and to all 82 parameters, with some outputs clipped; eps given,
+    or drawn by φ from a seed and either kept for the backward or drawn again there."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact float32 convolutions on a GPU
     phi = strong_phi(clip=3.0).to(device)
+    phi.redraw_noise = noise == "drawn, redrawn"
     h = (torch.randn(6, 5, 9, 9, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
     eps, grad_out = torch.randn(6, 5, 9, 9, device=device), torch.randn(6, 5, 9, 9, device=device)
     stats = SiteStatistics(5, 4).to(device).train()
 
-    out = phi(h, stats, strength=strength, noise=eps)
+    if noise == "given":
+        out = phi(h, stats, strength=strength, noise=eps)
+    else:  # the same seed again gives the eps φ drew
+        torch.manual_seed(7)
+        out = phi(h, stats, strength=strength)
+        torch.manual_seed(7)
+        eps = draw_noise(int(torch.randint(2**62, ()).item()), h)
     expected, (mean, _) = reference_perturb(phi, h, eps, strength=strength)
     assert (expected >= 3.0).any() and (expected < 3.0).any()
     assert out.is_contiguous(memory_format=layout)
@@ -238,3 +248,25 @@ def test_mean_eval_noise_is_deterministic_and_the_average_of_sampled_passes(phi)
     torch.testing.assert_close(single, sampled, atol=5e-2, rtol=0)  # 5 standard errors
     phi.train()
     assert not torch.equal(phi(h, stats), phi(h, stats)), "training still samples"
+
+
+def test_components_ablations_fix_the_other_factor_to_one():
+    """Without the scale, m = (softplus(a + eps) - 1) k + 1 and the statistics stay untouched; without the noise,
+    m = (s - 1) k + 1: deterministic."""
+    phi = strong_phi()
+    h, eps = torch.randn(4, 5, 7, 7), torch.randn(4, 5, 7, 7)
+    stats = SiteStatistics(5, 4).train()
+    phi.components = ("noise",)
+    z = F.softplus(phi.noise_logits(h) + eps)
+    torch.testing.assert_close(phi(h, stats, strength=0.5, noise=eps), h * ((z - 1) * 0.5 + 1), rtol=1e-5, atol=1e-5)
+    assert (stats.running_mean == 0).all() and (stats.running_var == 1).all()
+
+    phi.components = ["scale"]
+    _, (mean, var) = reference_perturb(phi, h, eps)
+    s = phi.scale(mean, var, 7).view(1, -1, 1, 1)
+    out = phi(h, stats, strength=0.5)
+    torch.testing.assert_close(out, h * ((s - 1) * 0.5 + 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, phi(h, stats, strength=0.5))
+    for wrong in [(), ("noise", "dropout")]:
+        with pytest.raises(ValueError, match="non-empty subset"):
+            phi.components = wrong

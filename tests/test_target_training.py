@@ -215,6 +215,7 @@ def test_fine_tuning_loads_all_but_a_new_classifier(tmp_path):
         ({"test_rest": False}, r"no 'test' split.*--val-fraction"),
         ({"model": "resnet_nonexistent"}, "unknown model"),
         ({"final_modes": "1,mc10"}, r"--final-modes \['mc10'\]"),
+        ({"phi_components": "noise,dropout"}, "components must be a non-empty subset"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, changes, message):

@@ -5,7 +5,17 @@ import json
 
 import pytest
 
-from benchmarks.transfer import REGIME_SIZES, card_rows, main, regime_cell, regime_plot, run_dir, target_args
+from benchmarks.transfer import (
+    ABLATIONS,
+    REGIME_SIZES,
+    card_rows,
+    main,
+    regime_cell,
+    regime_plot,
+    rows,
+    run_dir,
+    target_args,
+)
 
 
 def test_transfer_driver_tabulates_every_mode_and_resumes(tmp_path):
@@ -21,7 +31,7 @@ def test_transfer_driver_tabulates_every_mode_and_resumes(tmp_path):
         "| metaperturb | mean |",
     ):
         assert row in text
-    assert "**conv4 on digits**" in text and "<!-- transfer:start -->" in results.read_text()
+    assert "**conv4 on digits**" in text and "<!-- transfer-2steps:start -->" in results.read_text()
     runs = sorted((tmp_path / "runs").rglob("run.json"))
     assert [p.parent.parent.name for p in runs] == ["base", "metaperturb"]
     stamps = {p: p.stat().st_mtime for p in runs}
@@ -50,3 +60,22 @@ def test_regime_cells_and_plot(tmp_path):
     rows = card_rows(tmp_path, [regime_cell(20)], [0], "here")
     assert rows == [{"target": "fmnist5-9@20", "network": "resnet20", "base": "20.00 (1)", "φ sample-10": "21.00 (1)",
                      "φ mean-bn": "22.00 (1)", "measured": "here"}]  # fmt: skip
+
+
+def test_ablation_rows_and_phi_rows(tmp_path, capsys):
+    table = rows(None, {"meta150": "phi150"}, ablation=True)
+    assert list(table) == ["base", "metaperturb", "metaperturb-meta150", *ABLATIONS]
+    assert table["metaperturb-meta150"] == ["--method", "metaperturb", "--phi", "phi150"]
+    assert table["metaperturb-no-scale"] == ["--method", "metaperturb", "--phi-components", "noise"]
+    path = run_dir(tmp_path, ("fmnist5-9", "resnet20"), "metaperturb-no-noise", 0) / "run.json"
+    path.parent.mkdir(parents=True)
+    metrics = {"accuracy": 90.0, "nll": 0.3, "ece": 2.0}
+    path.write_text(json.dumps({"final": metrics, "evaluations": {"mean-bn": metrics}, "wall_time_s": 60}))
+    results = tmp_path / "R.md"
+    text = main(["--ablation", "--table-only", "--seeds", "0", "--runs-dir", str(tmp_path), "--results", str(results)])
+    assert (
+        "| metaperturb-no-noise | mean-bn | 90.00 ± 0.00 |" in text and "<!-- ablation:start -->" in results.read_text()
+    )
+    with pytest.raises(SystemExit):
+        main(["--phi-row", "phi150", "--runs-dir", str(tmp_path), "--results", str(results)])
+    assert "NAME=PATH" in capsys.readouterr().err

@@ -69,6 +69,7 @@ class TargetConfig:
     crop_padding: int = 4
     hflip: bool = True
     placement: str = "pre_activation"
+    phi_components: str = "noise,scale"
     dropblock_prob: float = 0.1
     dropblock_size: int = 3
     info_beta: float = 0.1
@@ -195,8 +196,9 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     for method in methods:
         if method == "metaperturb":
             inject_metaperturb(model, cfg.phi, placement=cfg.placement, input_size=size)
-            set_eval_noise(model, cfg.eval_noise)
             attached[method] = get_injection(model)
+            attached[method].phi.components = cfg.phi_components.split(",")
+            set_eval_noise(model, cfg.eval_noise)
         else:
             options = {
                 "information_dropout": {"alpha_max": cfg.info_alpha_max, "beta": cfg.info_beta},
