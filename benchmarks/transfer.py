@@ -89,6 +89,7 @@ def regime_plot(runs: Path, seeds: list[int], path: Path) -> None:
     ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
            title="resnet20, Fashion-MNIST classes 5-9, 800 steps")  # fmt: skip
     ax.set_xticks(REGIME_SIZES, [str(n) for n in REGIME_SIZES])
+    ax.minorticks_off()  # the log axis' own labels would overprint these
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
