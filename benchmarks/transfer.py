@@ -36,7 +36,8 @@ CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4
          ("fmnist5-9", "resnet18")]  # fmt: skip
 REGIME_SIZES = (20, 50, 100, 500)  # training images per class, resnet20 on Fashion-MNIST 5-9
 BASELINES = ["base", "information_dropout", "dropblock", "manifold_mixup"]
-ABLATIONS = {  # rows beside base and metaperturb on resnet20 / Fashion-MNIST 5-9: one change to the shipped φ's run
+ABLATION_CELL = ("fmnist5-9", "resnet20")
+ABLATIONS = {  # rows beside base and metaperturb on ABLATION_CELL: one change each to the shipped φ's run
     "metaperturb-output-placement": ["--placement", "output"],  # after the block's activation, not before it
     "metaperturb-no-annealing": ["--anneal", "0"],  # full strength from the first step
     "metaperturb-no-scale": ["--phi-components", "noise"],  # s fixed to 1
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.regime:
         cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
     if args.ablation:
-        cells = [("fmnist5-9", "resnet20")]
+        cells = [ABLATION_CELL]
     phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
     if len(phis) != len(args.phi_row):
         parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")

@@ -106,8 +106,8 @@ class _SampledPerturbation(torch.autograd.Function):
     u = E2(relu(E1(x))) + eps, with the gradient written out.
 
     Autograd would keep seven full-size intermediates; this keeps x and either u or, where drawing eps again is
-    cheap (`redraw`: eps given by its seed), nothing more: the backward recomputes E1's output (and then u) from
-    x, one or two cheap layers against a feature map's worth of memory per site. Channels-last.
+    cheap (`redraw`, only with eps given by its seed), nothing more: the backward recomputes E1's output (and
+    then u) from x, one or two cheap layers against a feature map's worth of memory per site. Channels-last.
     """
 
     @staticmethod
@@ -115,7 +115,6 @@ class _SampledPerturbation(torch.autograd.Function):
                 strength: float, clip: float) -> torch.Tensor:  # fmt: skip
         eps = draw_noise(noise, x) if isinstance(noise, int) else noise
         u = _equivariant(F.relu_(_equivariant(x, w1_self, w1_mean)), w2_self, w2_mean).add_(eps)
-        redraw = redraw and isinstance(noise, int)
         ctx.save_for_backward(x, s, w1_self, w1_mean, w2_self, w2_mean, *([] if redraw else [u]))
         ctx.strength, ctx.clip, ctx.seed = strength, clip, noise if redraw else None
         return _modulate(x, F.softplus(u), s, strength, clip, in_place=True)
@@ -403,7 +402,7 @@ class MetaPerturb(
                     if noise is None
                     else _relayout(noise.float(), torch.channels_last)
                 )
-                redraw = x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise
+                redraw = noise is None and (x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise)
                 weights = [
                     w.float() for layer in (self.noise1, self.noise2) for w in (layer.weight_self, layer.weight_mean)
                 ]
