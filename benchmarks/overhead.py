@@ -3,6 +3,7 @@ eval forward time as ratios to the plain network, and the memory a training step
 
     python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
     python -m benchmarks.overhead --quick         # fewer repeats
+    python -m benchmarks.overhead --profile       # where a φ step's time goes (benchmarks/profiles/)
 
 Rows: the project's φ (`timm_metaperturb.MetaPerturb`) as it runs on CPU (eps kept for the backward) and on
 accelerators (eps drawn again in the backward from its seed, `redraw_noise`), and a straightforward reference
@@ -19,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -31,6 +33,7 @@ from timm_metaperturb.phi_reference import reference_perturb
 from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
+PROFILES = Path(__file__).with_name("profiles")  # --profile's tables, one file per device kind
 VARIANTS = {"kept": False, "redrawn": True}  # the project's φ, its redraw_noise (CPU default: kept; GPU: redrawn)
 
 
@@ -125,6 +128,35 @@ def saved_memory_mb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return sum(storages.values()) / 2**20
 
 
+def profile(device: str, name: str = "resnet20", size: int = 32, batch_size: int = 128, steps: int = 3) -> str:
+    """torch.profiler's table of the plain step, φ's step (its default for `device`) and φ's single-pass eval:
+    the operators that make up the overhead, sorted by their own time (device time on a GPU)."""
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    cuda = device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    phi_default = "redrawn" if cuda else "kept"
+    models = {v: build(name, size, v).to(device) for v in ("plain", phi_default)}
+    fns = {
+        "plain step": train_step_fn(models["plain"], x, y),
+        f"φ step (eps {phi_default})": train_step_fn(models[phi_default], x, y),
+        "φ single-pass eval": eval_fn(models[phi_default], x, noise="mean"),
+    }
+    parts = []
+    for label, fn in fns.items():
+        fn(), fn()  # warm-up
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=50)
+        parts.append(f"### {label}: {name} {size}x{size}, batch {batch_size}, {steps} calls\n\n{table}")
+    command = f"python -m benchmarks.overhead --profile --device {device} --batch-size {batch_size}"
+    return f"# Profile (`{command}`), {machine()}\n\n" + "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -132,9 +164,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--mc-passes", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
+    parser.add_argument("--profile", action="store_true", help="profile resnet20 at 32x32 instead of the table")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
+    if args.profile:
+        text = profile(args.device, batch_size=args.batch_size)
+        PROFILES.mkdir(exist_ok=True)
+        (PROFILES / f"{args.device.split(':')[0]}-resnet20-32.txt").write_text(text)
+        print(text)
+        return text
     repeats = 3 if args.quick else args.repeats
     rows = []
     for name, size in CONFIGS:
