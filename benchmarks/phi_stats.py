@@ -1,0 +1,111 @@
+"""How much each φ depends on its input: on the feature maps a trained network gives for real test images, the
+spread of φ's noise mean a (an input-independent φ has none) and of its per-channel scale s.
+
+    python -m benchmarks.phi_stats                        # the shipped φ, the authors', benchmarks/phis/*
+    python -m benchmarks.phi_stats --phi NAME=PATH ...    # the shipped φ and these (folder, .pth, Hub id)
+
+The network is resnet20 trained without φ on Fashion-MNIST 5-9 (100 per class): the ablation cell's base run
+(`python -m benchmarks.transfer --ablation --quick --rows base` writes it), so every φ sees the same maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.results import machine, write_section
+from benchmarks.transfer import ABLATION_CELL, AUTHORS_PHI, RUNS, run_dir, target_args
+from timm_metaperturb import inject_metaperturb, load_phi
+from timm_metaperturb.data import Augmentation, normalise
+from timm_metaperturb.phi import MetaPerturb, expected_softplus
+from timm_metaperturb.target_training import prepare_data
+from train.target import parse_args
+
+PHIS = Path(__file__).with_name("phis")
+NETWORK = run_dir(RUNS / "cpu", ABLATION_CELL, "base", 0) / "network.safetensors"
+
+
+def site_inputs(network: Path, images: int) -> list[torch.Tensor]:
+    """The feature map at each of φ's sites for `images` test images of the ablation cell (φ at strength 0)."""
+    cfg = parse_args([*target_args(ABLATION_CELL[0]), "--model", ABLATION_CELL[1]])
+    _, test = prepare_data(cfg)
+    model = timm.create_model(cfg.model, num_classes=len(test.class_names))
+    model.load_state_dict(load_file(network))
+    phi = MetaPerturb()
+    inject_metaperturb(model, phi, input_size=(3, cfg.image_size, cfg.image_size), strength=0.0)
+    inputs: list[torch.Tensor] = []
+    phi.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()(normalise(test.images[:images], Augmentation(cfg.crop_padding, cfg.hflip)))
+    return inputs
+
+
+@torch.no_grad()
+def spread(phi: MetaPerturb, inputs: list[torch.Tensor]) -> dict[str, float]:
+    """Means over sites of std(a), of E[z]'s coefficient of variation and of s's std over channels (s from
+    the batch's statistics, as in training); s's range over all sites."""
+    a_std, z_cv, s_std, s_all = [], [], [], []
+    for h in inputs:
+        a = phi.noise_logits(h)
+        z = expected_softplus(a)
+        f = phi.scale_features(h)
+        s = phi.scale(f.mean(0), f.var(0), h.shape[-2])
+        a_std.append(a.std().item())
+        z_cv.append((z.std() / z.mean()).item())
+        s_std.append(s.std().item())
+        s_all.append(s)
+    s_cat = torch.cat(s_all)
+    return {"a_std": statistics.mean(a_std), "z_cv": statistics.mean(z_cv), "s_std": statistics.mean(s_std),
+            "s_min": s_cat.min().item(), "s_max": s_cat.max().item()}  # fmt: skip
+
+
+def default_phis() -> dict[str, str]:
+    """The authors' φ (where the reference folder is) and every φ under benchmarks/phis."""
+    phis = {"authors": str(AUTHORS_PHI)} if AUTHORS_PHI.is_file() else {}
+    return phis | {p.name: str(p) for p in sorted(PHIS.iterdir()) if (p / "config.json").is_file()}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phi", action="append", default=[], metavar="NAME=PATH", help="default: see above")
+    parser.add_argument("--network", type=Path, default=NETWORK, help="resnet20 weights (base, no φ)")
+    parser.add_argument("--images", type=int, default=256, help="test images whose feature maps φ sees")
+    args = parser.parse_args(argv)
+    if not args.network.is_file():
+        sys.exit(
+            f"no trained network at {args.network}: run `python -m benchmarks.transfer --ablation --quick --rows "
+            "base` first (it writes the base run's network.safetensors), or pass --network"
+        )
+    others = dict(item.split("=", 1) for item in args.phi) if args.phi else default_phis()
+    phis: dict[str, str | None] = {"shipped": None, **others}
+    torch.manual_seed(0)
+    inputs = site_inputs(args.network, args.images)
+    lines = ["| φ | std of a | E[z]: std / mean | s: std over channels | s: range |", "| --- | --- | --- | --- | --- |"]
+    for name, path in phis.items():
+        r = spread(load_phi(path), inputs)
+        lines.append(
+            f"| {name} | {r['a_std']:.3f} | {r['z_cv']:.3f} | {r['s_std']:.3f} | {r['s_min']:.2f}-{r['s_max']:.2f} |"
+        )
+    command = "python -m benchmarks.phi_stats " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (
+        f"## How input-dependent each φ is (`benchmarks/phi_stats.py`)\n\nCommand: `{command.strip()}`; machine: "
+        f"{machine()}; {len(inputs)} sites of {ABLATION_CELL[1]} trained without φ on {ABLATION_CELL[0]} "
+        f"(`{os.path.relpath(args.network)}`), {args.images} test images. a = φ's noise mean (z = softplus(a + "
+        "eps)); a φ whose noise ignores its input has std of a = 0 and E[z] the same everywhere; s from the "
+        "batch's statistics as in training (0.5 everywhere when its weights are 0). Means over sites.\n\n"
+        + "\n".join(lines)
+    )
+    write_section("phi-stats", text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
