@@ -29,6 +29,7 @@ from timm_metaperturb.target_training import prepare_data
 from train.target import parse_args
 
 PHIS = Path(__file__).with_name("phis")
+SPREADS = ("a_std", "z_mean", "z_cv", "s_std")  # per site, averaged over sites
 NETWORK = run_dir(RUNS / "cpu", ABLATION_CELL, "base", 0) / "network.safetensors"
 
 
@@ -49,21 +50,21 @@ def site_inputs(network: Path, images: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def spread(phi: MetaPerturb, inputs: list[torch.Tensor]) -> dict[str, float]:
-    """Means over sites of std(a), of E[z]'s coefficient of variation and of s's std over channels (s from
+    """Means over sites of std(a), of E[z]'s mean and coefficient of variation and of s's std over channels (s from
     the batch's statistics, as in training); s's range over all sites."""
-    a_std, z_cv, s_std, s_all = [], [], [], []
+    per_site: dict[str, list[float]] = {key: [] for key in SPREADS}
+    scales = []
     for h in inputs:
         a = phi.noise_logits(h)
         z = expected_softplus(a)
         f = phi.scale_features(h)
         s = phi.scale(f.mean(0), f.var(0), h.shape[-2])
-        a_std.append(a.std().item())
-        z_cv.append((z.std() / z.mean()).item())
-        s_std.append(s.std().item())
-        s_all.append(s)
-    s_cat = torch.cat(s_all)
-    return {"a_std": statistics.mean(a_std), "z_cv": statistics.mean(z_cv), "s_std": statistics.mean(s_std),
-            "s_min": s_cat.min().item(), "s_max": s_cat.max().item()}  # fmt: skip
+        for key, value in zip(SPREADS, (a.std(), z.mean(), z.std() / z.mean(), s.std()), strict=True):
+            per_site[key].append(value.item())
+        scales.append(s)
+    s_all = torch.cat(scales)
+    means = {k: statistics.mean(v) for k, v in per_site.items()}
+    return means | {"s_min": s_all.min().item(), "s_max": s_all.max().item()}
 
 
 def default_phis() -> dict[str, str]:
@@ -87,12 +88,12 @@ def main(argv: list[str] | None = None) -> str:
     phis: dict[str, str | None] = {"shipped": None, **others}
     torch.manual_seed(0)
     inputs = site_inputs(args.network, args.images)
-    lines = ["| φ | std of a | E[z]: std / mean | s: std over channels | s: range |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| φ | std of a | E[z]: mean | E[z]: std / mean | s: std over channels | s: range |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, path in phis.items():
         r = spread(load_phi(path), inputs)
-        lines.append(
-            f"| {name} | {r['a_std']:.3f} | {r['z_cv']:.3f} | {r['s_std']:.3f} | {r['s_min']:.2f}-{r['s_max']:.2f} |"
-        )
+        cells = [f"{r[k]:.3f}" for k in SPREADS] + [f"{r['s_min']:.2f}-{r['s_max']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     command = "python -m benchmarks.phi_stats " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (
         f"## How input-dependent each φ is (`benchmarks/phi_stats.py`)\n\nCommand: `{command.strip()}`; machine: "
