@@ -57,8 +57,7 @@ def spread(phi: MetaPerturb, inputs: list[torch.Tensor]) -> dict[str, float]:
     for h in inputs:
         a = phi.noise_logits(h)
         z = expected_softplus(a)
-        f = phi.scale_features(h)
-        s = phi.scale(f.mean(0), f.var(0), h.shape[-2])
+        s = phi.scale(*phi.channel_statistics(h, None), h.shape[-2])  # the batch's statistics, as in training
         for key, value in zip(SPREADS, (a.std(), z.mean(), z.std() / z.mean(), s.std()), strict=True):
             per_site[key].append(value.item())
         scales.append(s)
