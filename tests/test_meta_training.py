@@ -65,6 +65,21 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
     assert changed.returncode != 0 and "cannot resume" in changed.stderr
 
 
+def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):
+    from accelerate import Accelerator
+
+    from timm_metaperturb.meta_training import meta_train
+    from train.meta import parse_args
+
+    out = tmp_path / "scarce"
+    cfg = parse_args(["--dataset", images, *TINY, "--steps", "1", "--train-per-class", "5", "--output", str(out)])
+    meta_train(cfg, Accelerator(cpu=True))
+    tasks = json.loads((out / "run.json").read_text())["tasks"]
+    assert [t["train"] for t in tasks] == [5 * len(t["classes"]) for t in tasks]
+    assert [t["val"] for t in tasks] == [12 * len(t["classes"]) for t in tasks], "validation halves stay whole"
+    assert "| training images per class in each task | 5 |" in (out / "phi" / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -72,6 +87,7 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
         (["--dataset", "/no/such/folder"], "could not load dataset"),
         (["--groups", "3"], "cannot make 3 class-wise groups"),
         (["--batch-size", "64"], "fewer than 64 training or validation images"),
+        (["--train-per-class", "13"], "fewer than train_per_class=13"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, images, args, message):

@@ -37,6 +37,19 @@ def test_instance_wise_split():
     assert sum(map(len, parts)) == 90
 
 
+def test_train_per_class_keeps_n_training_images_of_each_class():
+    full = make_tasks(LABELS, num_groups=2, seed=3, classes=parse_classes("0-4"))
+    scarce = make_tasks(LABELS, num_groups=2, seed=3, classes=parse_classes("0-4"), train_per_class=4)
+    again = make_tasks(LABELS, num_groups=2, seed=3, classes=parse_classes("0-4"), train_per_class=4)
+    for f, s, a in zip(full, scarce, again, strict=True):
+        assert s.classes == f.classes and torch.equal(s.val, f.val), "validation sets stay whole"
+        assert set(s.train.tolist()) <= set(f.train.tolist()), "a subset of the task's own half"
+        assert torch.bincount(LABELS[s.train], minlength=10)[list(s.classes)].tolist() == [4] * len(s.classes)
+        assert torch.equal(s.train, a.train), "deterministic from the seed"
+    with pytest.raises(ValueError, match="fewer than train_per_class=16"):
+        make_tasks(LABELS, num_groups=2, classes=parse_classes("0-4"), train_per_class=16)
+
+
 def test_bad_splits_fail_before_training():
     with pytest.raises(ValueError, match="cannot make 3 class-wise groups"):
         make_tasks(LABELS, num_groups=3, classes=[0, 1, 2, 3, 4])

@@ -50,6 +50,7 @@ class MetaTrainConfig:
     classes: str | None = None
     groups: int = 5
     task_split: str = "class_wise"
+    train_per_class: int | None = None
     model: str = "resnet20"
     image_size: int = 32
     steps: int = 750
@@ -73,8 +74,9 @@ class MetaTrainConfig:
     cpu: bool = False
 
     # the settings a resumed run must share with the run it continues
-    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "model", "image_size",
-                   "batch_size", "seed", "steps", "clip", "channel_norm", "spatial_norm", "placement")  # fmt: skip
+    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "train_per_class", "model",
+                   "image_size", "batch_size", "seed", "steps", "clip", "channel_norm", "spatial_norm",
+                   "placement")  # fmt: skip
 
 
 @contextmanager
@@ -191,7 +193,13 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     output = Path(cfg.output)
     data = to_tensors(load_image_dataset(cfg.dataset, cfg.dataset_split), cfg.image_size)
     tasks = make_tasks(
-        data.labels, cfg.groups, cfg.seed, parse_classes(cfg.classes), cfg.task_split, min_images=cfg.batch_size
+        data.labels,
+        cfg.groups,
+        cfg.seed,
+        parse_classes(cfg.classes),
+        cfg.task_split,
+        min_images=cfg.batch_size,
+        train_per_class=cfg.train_per_class,
     )
     torch.manual_seed(seed_for(cfg.seed, "phi"))
     phi = MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size).to(
@@ -266,7 +274,9 @@ def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
         raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
     state = json.loads(state_file.read_text())
     changed = {
-        k: (state["config"][k], getattr(cfg, k)) for k in cfg.RESUME_KEYS if state["config"][k] != getattr(cfg, k)
+        k: (state["config"].get(k), getattr(cfg, k))
+        for k in cfg.RESUME_KEYS
+        if state["config"].get(k) != getattr(cfg, k)
     }
     if changed:
         raise ValueError(f"cannot resume {path} with other settings (checkpoint, now): {changed}")
@@ -283,6 +293,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "title": f"MetaPerturb φ meta-trained on {cfg.dataset} with {cfg.model}",
         "source_dataset": cfg.dataset,
         "source_classes": cfg.classes or "all",
+        "train_per_class": cfg.train_per_class,
         "tasks": len(tasks),
         "source_model": cfg.model,
         "steps": cfg.steps,

@@ -2,8 +2,9 @@
 
 What the card says of a φ's origin comes from `phi.provenance`, a JSON-able dict saved in config.json:
 `title`, `origin`, `source_dataset`, `dataset_id` (a Hub dataset id, for the metadata), `source_classes`,
-`tasks`, `source_model`, `steps`, `seed`, `command`, `wall_time`, `machine`, `notes`, and `results`, a list of
-rows (dicts with the same keys) of transfer results, each saying whether it was measured or reported.
+`train_per_class`, `tasks`, `source_model`, `steps`, `seed`, `command`, `wall_time`, `machine`, `notes`, and
+`results`, a list of rows (dicts with the same keys) of transfer results, each saying whether it was measured
+or reported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ MADE_BY = (
     ("origin", "origin"),
     ("source_dataset", "source dataset"),
     ("source_classes", "source classes"),
+    ("train_per_class", "training images per class in each task"),
     ("tasks", "meta-training tasks"),
     ("source_model", "source network"),
     ("steps", "meta-training steps"),

@@ -44,8 +44,13 @@ def make_tasks(
     classes: list[int] | None = None,
     split: str = "class_wise",
     min_images: int = 1,
+    train_per_class: int | None = None,
 ) -> list[Task]:
     """2 * num_groups tasks over the images whose label is in `classes` (default: all).
+
+    `train_per_class` keeps only that many training images of each class in every task (validation sets stay
+    whole), so that the task networks overfit as a data-scarce target's would and φ's validation gradient
+    learns to regularise that regime. The tasks' splits are the same with or without it.
 
     Fails before any training when there are fewer than 2 classes per group, or when a task would have fewer
     than `min_images` training or validation images (a batch needs that many).
@@ -79,6 +84,8 @@ def make_tasks(
         a, b = _halves(part, generator)
         for train, val in ((a, b), (b, a)):
             tasks.append(Task(len(tasks), group, train, val))
+    if train_per_class is not None:
+        tasks = [_subsample(t, labels, train_per_class, generator) for t in tasks]
     small = [t.index for t in tasks if min(len(t.train), len(t.val)) < min_images]
     if small:
         raise ValueError(
@@ -86,6 +93,21 @@ def make_tasks(
             "fewer groups, more classes or a smaller batch"
         )
     return tasks
+
+
+def _subsample(task: Task, labels: torch.Tensor, per_class: int, generator: torch.Generator) -> Task:
+    if per_class < 1:
+        raise ValueError(f"train_per_class must be at least 1, got {per_class}")
+    kept = []
+    for c in task.classes:
+        own = task.train[labels[task.train] == c]
+        if len(own) < per_class:
+            raise ValueError(
+                f"task {task.index} has {len(own)} training images of class {c}, fewer than train_per_class="
+                f"{per_class}: use a smaller train_per_class or fewer groups"
+            )
+        kept.append(own[torch.randperm(len(own), generator=generator)[:per_class]])
+    return Task(task.index, task.classes, torch.cat(kept).sort().values, task.val)
 
 
 def parse_classes(text: str | None) -> list[int] | None:

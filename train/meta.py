@@ -30,6 +30,8 @@ HELP = {
     "classes": "class subset to meta-train on, e.g. 0-4 (hold the rest out for evaluation); default all",
     "groups": "number of class groups G; there are 2G tasks",
     "task_split": "class_wise (the paper's) or instance_wise (the homogeneous ablation)",
+    "train_per_class": "keep only N training images per class in every task (the data-scarce regime φ is for); "
+    "default all",
     "model": "source network: any timm CNN name, e.g. resnet20, conv4, resnet18",
     "spatial_norm": "s_norm of φ (default: the image size)",
     "checkpoint_every": "save a resumable checkpoint every N steps (0: never)",
