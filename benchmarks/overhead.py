@@ -4,6 +4,7 @@ eval forward time as ratios to the plain network, and the memory a training step
     python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
     python -m benchmarks.overhead --quick         # fewer repeats
     python -m benchmarks.overhead --profile       # where a φ step's time goes (benchmarks/profiles/)
+    python -m benchmarks.overhead --compile       # also the single-pass eval under torch.compile
 
 Rows: the project's φ (`timm_metaperturb.MetaPerturb`) as it runs on CPU (eps kept for the backward) and on
 accelerators (eps drawn again in the backward from its seed, `redraw_noise`), and a straightforward reference
@@ -95,6 +96,18 @@ def eval_fn(model: torch.nn.Module, x: torch.Tensor, passes: int = 1, noise: str
     return forward
 
 
+def compiled_eval_fn(model: torch.nn.Module, x: torch.Tensor, noise: str | None = None):
+    """One eval forward of `torch.compile(model)` as a single graph, checked against the eager forward first, so
+    that a compiled graph which left φ out cannot be timed."""
+    model.eval()
+    if noise is not None:
+        set_eval_noise(model, noise)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    return torch.no_grad()(lambda: compiled(x))
+
+
 def median_times(fns: dict, repeats: int, warmup: int = 2, device: str = "cpu") -> dict[str, float]:
     """Interleave the candidates so that machine noise hits them alike; median seconds per call (on a GPU,
     each call synchronised)."""
@@ -165,9 +178,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
     parser.add_argument("--profile", action="store_true", help="profile resnet20 at 32x32 instead of the table")
+    parser.add_argument("--compile", action="store_true", help="add the eval forwards under torch.compile")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
+    # dynamo does not guard on module hooks by default: φ's model would reuse the plain model's compiled graph
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.profile:
         text = profile(args.device, batch_size=args.batch_size)
         PROFILES.mkdir(exist_ok=True)
@@ -186,25 +202,33 @@ def main(argv: list[str] | None = None) -> str:
             "single pass": eval_fn(models["kept"], x, noise="mean"),
             f"MC-{args.mc_passes}": eval_fn(models["kept"], x, args.mc_passes, noise="sample"),
         }
+        if args.compile:
+            evals["plain, compiled"] = compiled_eval_fn(models["plain"], x)
+            evals["single pass, compiled"] = compiled_eval_fn(models["kept"], x, noise="mean")
         evaluation = median_times(evals, repeats, device=args.device)
         memory = {v: saved_memory_mb(m, x, y) for v, m in models.items()}
         rows.append((name, size, train, evaluation, memory))
         print(json.dumps({"model": name, "size": size, "train": train, "eval": evaluation, "memory": memory}))
 
     mc = f"MC-{args.mc_passes}"
+    compiled = " plain eval compiled (s) | single pass compiled (x plain compiled) |" if args.compile else ""
     lines = [
         "| network | input | plain step (s) | project φ, eps kept / redrawn | reference φ | plain eval (s) | "
-        f"single pass | {mc} | memory kept for backward, project kept / redrawn / reference (x plain) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"single pass | {mc} |{compiled} memory kept for backward, project kept / redrawn / reference (x plain) |",
+        "|" + " --- |" * (11 if args.compile else 9),
     ]
     for name, size, train, evaluation, memory in rows:
         step = {k: v / train["plain"] for k, v in train.items()}
         mem = " / ".join(f"{memory[v] / memory['plain']:.2f}" for v in (*VARIANTS, "reference"))
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
+        cells = ""
+        if args.compile:
+            plain_compiled = evaluation["plain, compiled"]
+            cells = f" {plain_compiled:.3f} | {evaluation['single pass, compiled'] / plain_compiled:.2f}x |"
         lines.append(
             f"| {name} | {size}x{size} | {train['plain']:.3f} | {step['kept']:.2f}x / {step['redrawn']:.2f}x | "
-            f"{step['reference']:.2f}x | {evaluation['plain']:.3f} | {ratio['single pass']:.2f}x | {ratio[mc]:.2f}x | "
-            f"{mem} |"
+            f"{step['reference']:.2f}x | {evaluation['plain']:.3f} | {ratio['single pass']:.2f}x | {ratio[mc]:.2f}x |"
+            f"{cells} {mem} |"
         )
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
@@ -213,7 +237,14 @@ def main(argv: list[str] | None = None) -> str:
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
         "backward, Adam. Eval: one deterministic pass "
         f"(noise replaced by its expectation) and {mc} ({args.mc_passes} sampled passes, the reference's way), both "
-        "with the project's φ.\n\n" + "\n".join(lines)
+        "with the project's φ"
+        + (
+            "; compiled: `torch.compile(model, fullgraph=True)`, default inductor backend, checked against eager"
+            if args.compile
+            else ""
+        )
+        + ".\n\n"
+        + "\n".join(lines)
     )
     print(text)
     write_section("overhead" if args.device == "cpu" else f"overhead-{args.device}", text)

@@ -13,6 +13,7 @@ from timm_metaperturb import (
     get_injection,
     inject_metaperturb,
     remove_metaperturb,
+    set_eval_noise,
     set_perturb_strength,
 )
 
@@ -121,6 +122,22 @@ def test_state_dict_round_trip_gives_identical_eval_outputs(phi):
     assert torch.equal(
         fresh.metaperturb.sites["blocks_8"].running_var, trained.metaperturb.sites["blocks_8"].running_var
     )
+
+
+def test_single_pass_eval_compiles_to_one_graph(phi):
+    """torch.compile traces the deterministic eval through every site's hook without a graph break (fullgraph
+    fails on one), and the graph computes what eager does, φ included."""
+    torch._dynamo.reset()
+    model = inject_metaperturb(timm.create_model("resnet20"), phi).eval()
+    set_eval_noise(model, "mean")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
+        eager = model(x)
+        set_perturb_strength(model, 0.0)
+        plain = model(x)
+    torch.testing.assert_close(compiled, eager)
+    assert not torch.allclose(compiled, plain), "φ acts in the compiled graph"
 
 
 def test_plain_checkpoint_loads_strictly_into_injected_model(phi):

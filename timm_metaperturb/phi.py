@@ -14,8 +14,6 @@ of f are replaced by running estimates (one set per injection site, see `SiteSta
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,15 +176,26 @@ COMPONENTS = ("noise", "scale")  # φ's two factors: the input-dependent noise z
 _GRID_LIMIT, _GRID_STEP = 16.0, 1.0 / 256
 
 
-@functools.cache
-def _expected_softplus_table(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _expected_softplus_grid() -> tuple[torch.Tensor, torch.Tensor]:
     """E[softplus(a + eps)], eps ~ N(0, 1), on a grid of a in [-16, 16] (step 1/256), by 96-node Gauss-Hermite
     quadrature in float64 (E[f(a + eps)] = sum_i w_i f(a + sqrt(2) x_i) / sqrt(pi)): each interval's start
-    value and rise."""
+    value and rise. Computed once at import, outside any torch.compile trace (numpy cannot be traced)."""
     nodes, weights = np.polynomial.hermite.hermgauss(96)
     grid = np.arange(-_GRID_LIMIT, _GRID_LIMIT + _GRID_STEP / 2, _GRID_STEP)
     values = np.logaddexp(0.0, grid[:, None] + np.sqrt(2.0) * nodes[None, :]) @ weights / np.sqrt(np.pi)
-    return tuple(torch.from_numpy(v).to(device=device, dtype=dtype) for v in (values[:-1], np.diff(values)))
+    return torch.from_numpy(values[:-1]), torch.from_numpy(np.diff(values))
+
+
+_EXPECTED_SOFTPLUS_GRID = _expected_softplus_grid()
+_expected_softplus_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _expected_softplus_table(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid on `device` in `dtype`, copied there once."""
+    key = (device, dtype)
+    if key not in _expected_softplus_tables:
+        _expected_softplus_tables[key] = tuple(t.to(device=device, dtype=dtype) for t in _EXPECTED_SOFTPLUS_GRID)
+    return _expected_softplus_tables[key]
 
 
 def expected_softplus(a: torch.Tensor) -> torch.Tensor:
