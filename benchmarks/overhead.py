@@ -183,8 +183,6 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
-    # dynamo does not guard on module hooks by default: φ's model would reuse the plain model's compiled graph
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.profile:
         text = profile(args.device, batch_size=args.batch_size)
         PROFILES.mkdir(exist_ok=True)
@@ -204,6 +202,8 @@ def main(argv: list[str] | None = None) -> str:
             f"MC-{args.mc_passes}": eval_fn(models["kept"], x, args.mc_passes, noise="sample"),
         }
         if args.compile:
+            # dynamo does not guard on module hooks by default: φ's model would reuse the plain one's graph
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
             evals["plain, compiled"] = compiled_eval_fn(models["plain"], x)
             # a copy: the other evaluations switch the model's noise mode, which the single graph fixes
             evals["single pass, compiled"] = compiled_eval_fn(copy.deepcopy(models["kept"]), x, noise="mean")
