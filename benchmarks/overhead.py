@@ -4,7 +4,8 @@ eval forward time as ratios to the plain network, and the memory a training step
     python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
     python -m benchmarks.overhead --quick         # fewer repeats
     python -m benchmarks.overhead --profile       # where a φ step's time goes (benchmarks/profiles/)
-    python -m benchmarks.overhead --compile       # also the single-pass eval under torch.compile
+    python -m benchmarks.overhead --compile       # also the single-pass eval under torch.compile (with
+                                                  # --profile: its operators too)
 
 Rows: the project's φ (`timm_metaperturb.MetaPerturb`) as it runs on CPU (eps kept for the backward) and on
 accelerators (eps drawn again in the backward from its seed, `redraw_noise`), and a straightforward reference
@@ -109,6 +110,20 @@ def compiled_eval_fn(model: torch.nn.Module, x: torch.Tensor, noise: str | None 
     return torch.no_grad()(lambda: compiled(x))
 
 
+COMPILED_PLAIN, COMPILED_PHI = "plain eval, compiled", "φ single-pass eval, compiled"
+
+
+def compiled_eval_fns(plain: torch.nn.Module, phi_model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """The plain eval and φ's single pass under torch.compile, φ's on a copy: the other evaluations switch the
+    model's noise mode, which its single graph fixes."""
+    # dynamo does not guard on module hooks by default: φ's model would reuse the plain one's graph
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return {
+        COMPILED_PLAIN: compiled_eval_fn(plain, x),
+        COMPILED_PHI: compiled_eval_fn(copy.deepcopy(phi_model), x, noise="mean"),
+    }
+
+
 def median_times(fns: dict, repeats: int, warmup: int = 2, device: str = "cpu") -> dict[str, float]:
     """Interleave the candidates so that machine noise hits them alike; median seconds per call (on a GPU,
     each call synchronised)."""
@@ -142,9 +157,12 @@ def saved_memory_mb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return sum(storages.values()) / 2**20
 
 
-def profile(device: str, name: str = "resnet20", size: int = 32, batch_size: int = 128, steps: int = 3) -> str:
-    """torch.profiler's table of the plain step, φ's step (its default for `device`) and φ's single-pass eval:
-    the operators that make up the overhead, sorted by their own time (device time on a GPU)."""
+def profile(
+    device: str, name: str = "resnet20", size: int = 32, batch_size: int = 128, steps: int = 3, compile: bool = False
+) -> str:
+    """torch.profiler's table of the plain step, φ's step (its default for `device`) and φ's single-pass eval
+    (with `compile`, also the plain eval and the single pass under torch.compile): the operators that make up
+    the overhead, sorted by their own time (device time on a GPU)."""
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     cuda = device.startswith("cuda")
@@ -156,6 +174,8 @@ def profile(device: str, name: str = "resnet20", size: int = 32, batch_size: int
         f"φ step (eps {phi_default})": train_step_fn(models[phi_default], x, y),
         "φ single-pass eval": eval_fn(models[phi_default], x, noise="mean"),
     }
+    if compile:
+        fns.update(compiled_eval_fns(models["plain"], models[phi_default], x))
     parts = []
     for label, fn in fns.items():
         fn(), fn()  # warm-up
@@ -168,6 +188,7 @@ def profile(device: str, name: str = "resnet20", size: int = 32, batch_size: int
         table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=50)
         parts.append(f"### {label}: {name} {size}x{size}, batch {batch_size}, {steps} calls\n\n{table}")
     command = f"python -m benchmarks.overhead --profile --device {device} --batch-size {batch_size}"
+    command += " --compile" if compile else ""
     return f"# Profile (`{command}`), {machine()}\n\n" + "\n".join(parts)
 
 
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.device == "cpu":
         torch.set_num_threads(2)
     if args.profile:
-        text = profile(args.device, batch_size=args.batch_size)
+        text = profile(args.device, batch_size=args.batch_size, compile=args.compile)
         PROFILES.mkdir(exist_ok=True)
         (PROFILES / f"{args.device.split(':')[0]}-resnet20-32.txt").write_text(text)
         print(text)
@@ -202,11 +223,7 @@ def main(argv: list[str] | None = None) -> str:
             f"MC-{args.mc_passes}": eval_fn(models["kept"], x, args.mc_passes, noise="sample"),
         }
         if args.compile:
-            # dynamo does not guard on module hooks by default: φ's model would reuse the plain one's graph
-            torch._dynamo.config.skip_nnmodule_hook_guards = False
-            evals["plain, compiled"] = compiled_eval_fn(models["plain"], x)
-            # a copy: the other evaluations switch the model's noise mode, which the single graph fixes
-            evals["single pass, compiled"] = compiled_eval_fn(copy.deepcopy(models["kept"]), x, noise="mean")
+            evals.update(compiled_eval_fns(models["plain"], models["kept"], x))
         evaluation = median_times(evals, repeats, device=args.device)
         memory = {v: saved_memory_mb(m, x, y) for v, m in models.items()}
         rows.append((name, size, train, evaluation, memory))
@@ -225,8 +242,8 @@ def main(argv: list[str] | None = None) -> str:
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
         cells = ""
         if args.compile:
-            plain_compiled = evaluation["plain, compiled"]
-            cells = f" {plain_compiled:.3f} | {evaluation['single pass, compiled'] / plain_compiled:.2f}x |"
+            plain_compiled = evaluation[COMPILED_PLAIN]
+            cells = f" {plain_compiled:.3f} | {evaluation[COMPILED_PHI] / plain_compiled:.2f}x |"
         lines.append(
             f"| {name} | {size}x{size} | {train['plain']:.3f} | {step['kept']:.2f}x / {step['redrawn']:.2f}x | "
             f"{step['reference']:.2f}x | {evaluation['plain']:.3f} | {ratio['single pass']:.2f}x | {ratio[mc]:.2f}x |"
