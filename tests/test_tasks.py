@@ -48,6 +48,8 @@ def test_train_per_class_keeps_n_training_images_of_each_class():
         assert torch.equal(s.train, a.train), "deterministic from the seed"
     with pytest.raises(ValueError, match="fewer than train_per_class=16"):
         make_tasks(LABELS, num_groups=2, classes=parse_classes("0-4"), train_per_class=16)
+    with pytest.raises(ValueError, match="train_per_class must be at least 1"):
+        make_tasks(LABELS, num_groups=2, train_per_class=0)
 
 
 def test_bad_splits_fail_before_training():

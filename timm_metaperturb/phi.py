@@ -191,7 +191,8 @@ _expected_softplus_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Te
 
 
 def _expected_softplus_table(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid on `device` in `dtype`, copied there once."""
+    """The grid on `device` in `dtype`, copied there once (a dict, not functools.cache: torch.compile warns on
+    every trace through a cache wrapper)."""
     key = (device, dtype)
     if key not in _expected_softplus_tables:
         _expected_softplus_tables[key] = tuple(t.to(device=device, dtype=dtype) for t in _EXPECTED_SOFTPLUS_GRID)

@@ -64,6 +64,8 @@ def make_tasks(
         raise ValueError(f"classes {absent} have no images (the dataset's classes are {present})")
     if num_groups < 1:
         raise ValueError(f"num_groups must be at least 1, got {num_groups}")
+    if train_per_class is not None and train_per_class < 1:
+        raise ValueError(f"train_per_class must be at least 1, got {train_per_class}")
     if split == "class_wise" and len(classes) < 2 * num_groups:
         raise ValueError(
             f"{len(classes)} classes cannot make {num_groups} class-wise groups of at least 2 classes each: "
@@ -96,8 +98,6 @@ def make_tasks(
 
 
 def _subsample(task: Task, labels: torch.Tensor, per_class: int, generator: torch.Generator) -> Task:
-    if per_class < 1:
-        raise ValueError(f"train_per_class must be at least 1, got {per_class}")
     kept = []
     for c in task.classes:
         own = task.train[labels[task.train] == c]
