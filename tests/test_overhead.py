@@ -1,13 +1,18 @@
 """The overhead benchmark's profile: it must show φ's own operators in φ's step and only there."""
 
 from benchmarks.overhead import profile
+from timm_metaperturb import phi_cpu
 
 
 def test_profile_separates_plain_and_phi_steps():
     text = profile("cpu", batch_size=4, steps=1)
     plain, phi_step, phi_eval = text.split("### ")[1:]
     assert plain.startswith("plain step") and phi_step.startswith("φ step (eps kept)")
-    assert "_SampledPerturbation" not in plain
-    assert "_SampledPerturbation" in phi_step  # the sampled noise path runs in training
-    assert "_SampledPerturbation" not in phi_eval  # the single pass uses the noise's expectation instead
-    assert "aten::take" in phi_eval and "aten::take" not in phi_step
+    if phi_cpu.cpu_kernels() is not None:  # φ on its fused CPU kernels
+        sampled, single_pass = "FusedPerturbation", phi_cpu.EXPECTED_PERTURBATION
+    else:  # on torch operators
+        sampled, single_pass = "_SampledPerturbation", "aten::take"
+    assert sampled not in plain
+    assert sampled in phi_step  # the sampled noise path runs in training
+    assert sampled not in phi_eval  # the single pass uses the noise's expectation instead
+    assert single_pass in phi_eval and single_pass not in phi_step

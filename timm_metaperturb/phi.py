@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import phi_cpu
 from .hub import PhiHubMixin
+from .phi_cpu import FusedPerturbation, FusedScaleFeatures
 
 
 def shared_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -210,6 +212,10 @@ def expected_softplus(a: torch.Tensor) -> torch.Tensor:
     return torch.take(start, index).addcmul_(position - index, torch.take(rise, index))
 
 
+def _any_requires_grad(*tensors: torch.Tensor) -> bool:
+    return any(t.requires_grad for t in tensors)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """Depthwise convolutions run fastest on channels-last maps (oneDNN on CPU, cuDNN on GPU)."""
     return _relayout(x, torch.channels_last)
@@ -291,6 +297,8 @@ class MetaPerturb(
         # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: on
         # accelerators (where drawing is cheap), not on CPU (where drawing costs as much as a convolution)
         self.redraw_noise: bool | None = None
+        # on a CPU: run on the fused kernels of phi_cpu.py where they can be built (False: torch operators)
+        self.fused_cpu = True
         self.components = COMPONENTS
         self.noise1 = EquivariantConv2d(kernel_size)
         self.noise2 = EquivariantConv2d(kernel_size)
@@ -338,7 +346,14 @@ class MetaPerturb(
 
     def scale_features(self, h: torch.Tensor) -> torch.Tensor:
         """f = GAP(relu(K * h)) of shape (B, C, h_dim): what the scale's statistics summarise."""
-        return _ScaleFeatures.apply(_channels_last(h), self.scale_kernels.float())
+        x, kernels = _channels_last(h), self.scale_kernels.float()
+        return (FusedScaleFeatures if self._fused(x) else _ScaleFeatures).apply(x, kernels)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return self.fused_cpu and phi_cpu.usable(x)
+
+    def _noise_weights(self) -> list[torch.Tensor]:
+        return [w.float() for layer in (self.noise1, self.noise2) for w in (layer.weight_self, layer.weight_mean)]
 
     def scale(self, mean: torch.Tensor, var: torch.Tensor, height: int) -> torch.Tensor:
         """s in [0, 1]^C from the (C, h_dim) statistics, the channel count and the feature map height."""
@@ -403,8 +418,13 @@ class MetaPerturb(
             if "noise" not in self.components:
                 out = _modulate(x_cl, x.new_ones(()).expand_as(x_cl), s, strength, self.clip, in_place=False)
             elif not self.training and self.eval_noise == "mean":
-                z = expected_softplus(self.noise_logits(x_cl))
-                out = _modulate(x_cl, z, s, strength, self.clip, in_place=not z.requires_grad)
+                needs_grad = torch.is_grad_enabled() and _any_requires_grad(x_cl, s, *self.parameters())
+                if self._fused(x_cl) and not needs_grad:  # the fused single pass has no backward
+                    table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
+                    out = phi_cpu.expected_perturbation(x_cl, s, self._noise_weights(), table, strength, self.clip)
+                else:
+                    z = expected_softplus(self.noise_logits(x_cl))
+                    out = _modulate(x_cl, z, s, strength, self.clip, in_place=not z.requires_grad)
             else:
                 # eps from a seed drawn from torch's generator, so the backward can draw it again (redraw_noise)
                 eps = (
@@ -413,8 +433,10 @@ class MetaPerturb(
                     else _relayout(noise.float(), torch.channels_last)
                 )
                 redraw = noise is None and (x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise)
-                weights = [
-                    w.float() for layer in (self.noise1, self.noise2) for w in (layer.weight_self, layer.weight_mean)
-                ]
-                out = _SampledPerturbation.apply(x_cl, eps, redraw, s, *weights, strength, self.clip)
+                weights = self._noise_weights()
+                if self._fused(x_cl) and not redraw:
+                    eps = draw_noise(eps, x_cl) if isinstance(eps, int) else eps
+                    out = FusedPerturbation.apply(x_cl, eps, s, *weights, strength, self.clip)
+                else:
+                    out = _SampledPerturbation.apply(x_cl, eps, redraw, s, *weights, strength, self.clip)
         return _relayout(out, _layout(x)).to(h.dtype)

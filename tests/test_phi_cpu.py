@@ -1,0 +1,111 @@
+"""φ's fused CPU kernels (`phi_cpu.py`): used by default on a CPU, the same function as the torch operators
+(forward, gradients, running statistics, the single-pass evaluation), deterministic, and a fallback that keeps
+φ working where they cannot be built."""
+
+import pytest
+import torch
+
+from timm_metaperturb import MetaPerturb, SiteStatistics, phi_cpu
+from timm_metaperturb.phi_reference import reference_perturb
+
+if phi_cpu.cpu_kernels() is None:
+    pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)", allow_module_level=True)
+
+
+def strong_phi(kernel_size: int = 3, clip: float = 3.0) -> MetaPerturb:
+    """Large random weights, so that every term matters and some outputs reach `clip`."""
+    torch.manual_seed(0)
+    phi = MetaPerturb(kernel_size=kernel_size, clip=clip)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(std=0.5)
+    return phi
+
+
+def graph_nodes(out: torch.Tensor) -> set[str]:
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_fused_kernels_run_by_default_on_cpu():
+    h = torch.randn(4, 6, 8, 8, requires_grad=True)
+    nodes = graph_nodes(strong_phi()(h, SiteStatistics(6, 4).train()))
+    assert {"FusedPerturbationBackward", "FusedScaleFeaturesBackward"} <= nodes
+    phi = strong_phi()
+    phi.fused_cpu = False
+    assert "FusedPerturbationBackward" not in graph_nodes(phi(h, SiteStatistics(6, 4).train()))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("shape", [(6, 5, 9, 11), (3, 1, 1, 1), (2, 33, 4, 3)])
+def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape):
+    """Against the formulas with autograd, at strength 0.6 with some outputs clipped: output, running statistics,
+    gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too."""
+    phi = strong_phi(kernel_size)
+    h = (torch.randn(shape) * 2).contiguous(memory_format=layout).requires_grad_()
+    eps, grad_out = torch.randn(shape), torch.randn(shape)
+    stats = SiteStatistics(shape[1], 4).train()
+    out = phi(h, stats, strength=0.6, noise=eps)
+    expected, (mean, _) = reference_perturb(phi, h, eps, strength=0.6)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    inputs = [h, *phi.parameters()]
+    for fused, ref in zip(*(torch.autograd.grad(y, inputs, grad_out) for y in (out, expected)), strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_single_pass_equals_torch_operators(layout):
+    """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics."""
+    fused, plain = strong_phi().eval(), strong_phi().eval()
+    plain.fused_cpu = False
+    for phi in (fused, plain):
+        phi.eval_noise = "mean"
+    stats = SiteStatistics(7, 4).eval()
+    stats.running_mean.uniform_(0, 1)
+    h = (torch.randn(5, 7, 10, 10) * 3).contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = fused(h, stats, strength=0.8)
+        assert out.grad_fn is None and out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, plain(h, stats, strength=0.8), rtol=1e-5, atol=1e-5)
+    # with gradients wanted, the single pass runs on torch operators, which have a backward
+    assert fused(h.requires_grad_(), stats).requires_grad
+
+
+def test_same_seed_gives_identical_results():
+    h = torch.randn(8, 16, 12, 12, requires_grad=True)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = strong_phi()(h, SiteStatistics(16, 4).train())
+        results.append((out, *torch.autograd.grad(out.square().sum(), h)))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_torch_operators(monkeypatch):
+    h, eps = torch.randn(4, 6, 8, 8), torch.randn(4, 6, 8, 8)
+    expected = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+
+    monkeypatch.setenv(phi_cpu.ENV_SWITCH, "0")
+    assert not phi_cpu.usable(h)
+    out = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+    assert "FusedPerturbationBackward" not in graph_nodes(out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.delenv(phi_cpu.ENV_SWITCH)
+    monkeypatch.setattr(phi_cpu, "_loaded", {})
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        out = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,406 @@
+// φ's noise path and scale features as fused CPU kernels (see timm_metaperturb/phi_cpu.py).
+//
+// Every feature map is a channels-last float32 (B, C, H, W) tensor, i.e. (B, H, W, C) in memory, so a pixel's
+// channels are contiguous and every inner loop runs over channels, where the compiler vectorises it. Work is
+// split over the images of the batch; each image passes through all its stages while it sits in cache, and the
+// per-image partial sums of the weight gradients are added up afterwards in a fixed order (deterministic).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+using torch::Tensor;
+
+namespace {
+
+// exp and log1p written with plain arithmetic (Cephes' polynomials) so that loops calling them vectorise
+// without -ffast-math, which would also break NaN propagation.
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+inline float fast_exp(float x) {
+  x = x > 88.37f ? 88.37f : (x < -87.33f ? -87.33f : x);
+  float fx = x * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(fx);
+  n -= static_cast<float>(n) > fx ? 1 : 0;  // floor
+  float fn = static_cast<float>(n);
+  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  return y * bits_to_float((n + 127) << 23);
+}
+
+// log(1 + t) for t in [0, 1], accurate for small t too (Goldberg's correction).
+inline float log1p_unit(float t) {
+  float y = 1.0f + t;
+  int32_t bits = float_to_bits(y);
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = bits_to_float((bits & 0x807fffff) | 0x3f000000);  // y = m * 2^e, m in [0.5, 1)
+  bool low = m < 0.707106781186547524f;
+  e -= low ? 1 : 0;
+  m = (low ? m + m : m) - 1.0f;
+  float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float fe = static_cast<float>(e);
+  float log_y = m + (p * m * z - 2.12194440e-4f * fe - 0.5f * z) + 0.693359375f * fe;
+  float d = y - 1.0f;
+  return d == 0.0f ? t : log_y * (t / d);
+}
+
+// torch's softplus (beta 1, threshold 20) and its derivative.
+inline float softplus(float u) {
+  float a = u < 0.0f ? -u : u;
+  float v = (u < 0.0f ? 0.0f : u) + log1p_unit(fast_exp(-a));
+  return u > 20.0f ? u : v;
+}
+
+inline float sigmoid(float u) { return 1.0f / (1.0f + fast_exp(-u)); }
+
+struct Geometry {
+  int64_t batch, channels, height, width, ksize, pad;
+  int64_t pixels() const { return height * width; }
+  int64_t image() const { return height * width * channels; }
+};
+
+Geometry geometry(const Tensor& x, const Tensor& kernel) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "φ's CPU kernels take a float32 (B, C, H, W) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "φ's CPU kernels take channels-last maps");
+  const int64_t k = kernel.size(-1);
+  return {x.size(0), x.size(1), x.size(2), x.size(3), k, k / 2};
+}
+
+Tensor empty_map(const Tensor& x) { return at::empty_like(x, at::MemoryFormat::ChannelsLast); }
+
+inline float dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * y[i];
+  return sum;
+}
+
+// An image of `channels` values per pixel inside a zero border of `pad` pixels, so that every stencil tap reads
+// in bounds. The border is zeroed once; `fill` overwrites only the interior.
+struct Padded {
+  const Geometry& g;
+  int64_t channels, row;
+  std::vector<float> data;
+  Padded(const Geometry& geometry, int64_t ch)
+      : g(geometry), channels(ch), row((geometry.width + 2 * geometry.pad) * ch),
+        data((geometry.height + 2 * geometry.pad) * row, 0.0f) {}
+  const float* at(int64_t i, int64_t j) const { return data.data() + i * row + j * channels; }
+  void fill(const float* x) {
+    for (int64_t i = 0; i < g.height; ++i)
+      std::copy(x + i * g.width * channels, x + (i + 1) * g.width * channels,
+                data.data() + (i + g.pad) * row + g.pad * channels);
+  }
+};
+
+// y[p] (=, or += with `accumulate`) sum_d w[d] * x[p + d] for one image, with x padded; `flip` turns the kernel
+// around (the transposed stencil: sum_d w[d] * x[p - d]). Each output value sums all taps in a register.
+template <int KT>
+void stencil_impl(const Padded& x, const float* w, float* __restrict y, bool flip, bool accumulate) {
+  const Geometry& g = x.g;
+  const int64_t K = KT > 0 ? KT : g.ksize, taps = K * K, n = g.width * x.channels;
+  std::vector<float> wk(taps);
+  for (int64_t d = 0; d < taps; ++d) wk[d] = flip ? w[taps - 1 - d] : w[d];
+  std::vector<const float*> src(taps);
+  for (int64_t i = 0; i < g.height; ++i) {
+    for (int64_t di = 0; di < K; ++di)
+      for (int64_t dj = 0; dj < K; ++dj) src[di * K + dj] = x.at(i + di, dj);
+    float* __restrict yi = y + i * n;
+    for (int64_t e = 0; e < n; ++e) {
+      float sum = accumulate ? yi[e] : 0.0f;
+      for (int64_t d = 0; d < taps; ++d) sum += wk[d] * src[d][e];
+      yi[e] = sum;
+    }
+  }
+}
+
+void stencil(const Padded& x, const float* w, float* y, bool flip, bool accumulate) {
+  if (x.g.ksize == 3) return stencil_impl<3>(x, w, y, flip, accumulate);
+  stencil_impl<0>(x, w, y, flip, accumulate);
+}
+
+// grad_w[d] += scale * sum_p grad[p] . x[p + d] for one image, x padded: the stencil's gradient to its kernel.
+void stencil_weight_grad(const float* grad, const Padded& x, float* grad_w, float scale) {
+  const Geometry& g = x.g;
+  const int64_t n = g.width * x.channels;
+  for (int64_t di = 0; di < g.ksize; ++di) {
+    for (int64_t dj = 0; dj < g.ksize; ++dj) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < g.height; ++i) sum += dot(grad + i * n, x.at(i + di, dj), n);
+      grad_w[di * g.ksize + dj] += scale * sum;
+    }
+  }
+}
+
+void channel_mean(const Geometry& g, const float* x, float* mean) {
+  for (int64_t p = 0; p < g.pixels(); ++p) {
+    const float* xp = x + p * g.channels;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < g.channels; ++c) sum += xp[c];
+    mean[p] = sum / static_cast<float>(g.channels);
+  }
+}
+
+// A map and its channel mean, both padded: what an equivariant layer reads.
+struct MapAndMean {
+  Padded map, mean;
+  std::vector<float> plain_mean;
+  explicit MapAndMean(const Geometry& g) : map(g, g.channels), mean(g, 1), plain_mean(g.pixels()) {}
+  void fill(const float* x) {
+    channel_mean(map.g, x, plain_mean.data());
+    map.fill(x);
+    mean.fill(plain_mean.data());
+  }
+};
+
+// y (=, or +=) E(x) = w_self * x + w_mean * mean_c(x) (broadcast over channels) for one image; `flip`: the
+// transposed E (whose mean part reads the gradient's channel mean, see equivariant_backward).
+void equivariant(const MapAndMean& x, const float* w_self, const float* w_mean, float* y, bool flip,
+                 bool accumulate, float* scratch) {
+  const Geometry& g = x.map.g;
+  stencil(x.map, w_self, y, flip, accumulate);
+  stencil(x.mean, w_mean, scratch, flip, false);
+  for (int64_t p = 0; p < g.pixels(); ++p) {
+    float* yp = y + p * g.channels;
+    const float v = scratch[p];
+    for (int64_t c = 0; c < g.channels; ++c) yp[c] += v;
+  }
+}
+
+// Per-image working memory, allocated once per thread.
+struct Scratch {
+  MapAndMean x, r, grad;
+  std::vector<float> hidden, a, grad_u, grad_pre, pixels;
+  explicit Scratch(const Geometry& g)
+      : x(g), r(g), grad(g), hidden(g.image()), a(g.image()), grad_u(g.image()), grad_pre(g.image()),
+        pixels(g.pixels()) {}
+};
+
+// r = relu(E1(x)) for one image into t.hidden, with x and r (and their channel means) padded in t.x and t.r.
+void hidden(const float* x, const float* w_self, const float* w_mean, Scratch& t) {
+  t.x.fill(x);
+  equivariant(t.x, w_self, w_mean, t.hidden.data(), false, false, t.pixels.data());
+  for (float& v : t.hidden) v = v < 0.0f ? 0.0f : v;
+  t.r.fill(t.hidden.data());
+}
+
+// E's gradients for one image from the gradient `grad` at its output, E having read `input`: to the kernels
+// (added to grad_w_self, grad_w_mean) and to the input (written to dx, or added with `accumulate`).
+void equivariant_backward(const float* grad, const MapAndMean& input, const float* w_self, const float* w_mean,
+                          float* grad_w_self, float* grad_w_mean, float* dx, bool accumulate, Scratch& t) {
+  const Geometry& g = input.map.g;
+  t.grad.fill(grad);
+  stencil_weight_grad(grad, input.map, grad_w_self, 1.0f);
+  // the mean part: d/dw_mean = sum_p G[p] mean[p + d] with G the channel sum = C * the channel mean
+  stencil_weight_grad(t.grad.plain_mean.data(), input.mean, grad_w_mean, static_cast<float>(g.channels));
+  equivariant(t.grad, w_self, w_mean, dx, true, accumulate, t.pixels.data());
+}
+
+void modulate_sampled(int64_t pixels, int64_t C, const float* __restrict a, const float* __restrict eps,
+                      const float* __restrict x, const float* __restrict s, float k, float clip, float* __restrict u,
+                      float* __restrict out) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t n = p * C + c;
+      const float un = a[n] + eps[n];
+      u[n] = un;
+      const float v = ((s[c] * softplus(un) - 1.0f) * k + 1.0f) * x[n];
+      out[n] = v > clip ? clip : v;
+    }
+  }
+}
+
+void modulate_expected(int64_t pixels, int64_t C, const float* __restrict a, const float* __restrict start,
+                       const float* __restrict rise, int64_t last, float inv_step, float offset,
+                       const float* __restrict x, const float* __restrict s, float k, float clip,
+                       float* __restrict out) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t n = p * C + c;
+      float position = a[n] * inv_step + offset;
+      position = position < 0.0f ? 0.0f : position;
+      const int64_t index = std::min(static_cast<int64_t>(position), last);
+      const float z = start[index] + (position - static_cast<float>(index)) * rise[index];
+      const float v = ((s[c] * z - 1.0f) * k + 1.0f) * x[n];
+      out[n] = v > clip ? clip : v;
+    }
+  }
+}
+
+// Through out = min(m * x, clip), m = (s * z - 1) * k + 1, z = softplus(u): the gradient to x (direct part),
+// the sums that make s's gradient, and the gradient to u.
+void modulate_backward(int64_t pixels, int64_t C, const float* __restrict grad_out, const float* __restrict x,
+                       const float* __restrict u, const float* __restrict s, float k, float clip,
+                       float* __restrict grad_x, float* __restrict grad_s, float* __restrict grad_u) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t n = p * C + c;
+      const float z = softplus(u[n]);
+      const float m = z * (s[c] * k) + (1.0f - k);
+      const float grad = m * x[n] < clip ? grad_out[n] : 0.0f;
+      grad_x[n] = grad * m;
+      grad_s[c] += grad * x[n] * z;
+      grad_u[n] = grad * x[n] * (s[c] * k) * sigmoid(u[n]);
+    }
+  }
+}
+
+const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
+
+}  // namespace
+
+// out = min(((s * z - 1) * k + 1) * x, clip) with z = softplus(E2(relu(E1(x))) + eps), or, with eps undefined,
+// z = E[softplus(a + eps)] read off the table (start, rise) of `expected_softplus`. Returns out and, with eps,
+// u = a + eps, which the backward needs.
+std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>& eps, const Tensor& s,
+                                    const Tensor& w1_self, const Tensor& w1_mean, const Tensor& w2_self,
+                                    const Tensor& w2_mean, const Tensor& table_start, const Tensor& table_rise,
+                                    double grid_limit, double grid_step, double strength, double clip) {
+  const Geometry g = geometry(x, w1_self);
+  const bool sampled = eps.has_value();
+  TORCH_CHECK(!sampled || eps->is_contiguous(at::MemoryFormat::ChannelsLast), "eps must be channels-last");
+  Tensor out = empty_map(x);
+  Tensor u = sampled ? empty_map(x) : Tensor();
+  const float k = static_cast<float>(strength), limit = static_cast<float>(clip);
+  const float inv_step = static_cast<float>(1.0 / grid_step), offset = static_cast<float>(grid_limit / grid_step);
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Scratch t(g);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * g.image();
+      hidden(ptr(x) + base, ptr(w1_self), ptr(w1_mean), t);
+      equivariant(t.r, ptr(w2_self), ptr(w2_mean), t.a.data(), false, false, t.pixels.data());
+      if (sampled) {
+        modulate_sampled(g.pixels(), g.channels, t.a.data(), ptr(*eps) + base, ptr(x) + base, ptr(s), k, limit,
+                         u.data_ptr<float>() + base, out.data_ptr<float>() + base);
+      } else {
+        modulate_expected(g.pixels(), g.channels, t.a.data(), ptr(table_start), ptr(table_rise),
+                          table_start.numel() - 1, inv_step, offset, ptr(x) + base, ptr(s), k, limit,
+                          out.data_ptr<float>() + base);
+      }
+    }
+  });
+  return {out, u};
+}
+
+// Gradients of the sampled perturb_forward to x, s (C) and the four kernels; relu(E1(x)) is computed again
+// rather than kept.
+std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u, const Tensor& s,
+                                     const Tensor& w1_self, const Tensor& w1_mean, const Tensor& w2_self,
+                                     const Tensor& w2_mean, double strength, double clip) {
+  const Geometry g = geometry(x, w1_self);
+  TORCH_CHECK(grad_out.is_contiguous(at::MemoryFormat::ChannelsLast), "the gradient must be channels-last");
+  const int64_t taps = g.ksize * g.ksize;
+  Tensor grad_x = empty_map(x);
+  Tensor grad_s = at::zeros({g.batch, g.channels}, x.options());
+  Tensor grad_w = at::zeros({g.batch, 4, taps}, x.options());  // per image: w1_self, w1_mean, w2_self, w2_mean
+  const float k = static_cast<float>(strength), limit = static_cast<float>(clip);
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Scratch t(g);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * g.image();
+      const float* xb = ptr(x) + base;
+      float* gxb = grad_x.data_ptr<float>() + base;
+      float* gwb = grad_w.data_ptr<float>() + b * 4 * taps;
+      hidden(xb, ptr(w1_self), ptr(w1_mean), t);
+      modulate_backward(g.pixels(), g.channels, ptr(grad_out) + base, xb, ptr(u) + base, ptr(s), k, limit, gxb,
+                        grad_s.data_ptr<float>() + b * g.channels, t.grad_u.data());
+      equivariant_backward(t.grad_u.data(), t.r, ptr(w2_self), ptr(w2_mean), gwb + 2 * taps, gwb + 3 * taps,
+                           t.grad_pre.data(), false, t);
+      for (int64_t n = 0; n < g.image(); ++n) t.grad_pre[n] = t.hidden[n] > 0.0f ? t.grad_pre[n] : 0.0f;  // relu
+      equivariant_backward(t.grad_pre.data(), t.x, ptr(w1_self), ptr(w1_mean), gwb, gwb + taps, gxb, true, t);
+    }
+  });
+  Tensor grads = grad_w.sum(0);
+  const auto shape = w1_self.sizes();
+  return {grad_x, grad_s.sum(0).mul_(strength), grads[0].view(shape), grads[1].view(shape), grads[2].view(shape),
+          grads[3].view(shape)};
+}
+
+// f[b, c, i] = mean over pixels of relu(K_i * x)[b, c] for the shared kernels K (h_dim, 1, k, k); one row of
+// K_i * x at a time.
+Tensor scale_features_forward(const Tensor& x, const Tensor& kernels) {
+  const Geometry g = geometry(x, kernels);
+  const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels;
+  Tensor f = at::zeros({g.batch, h_dim, C}, x.options());
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Padded xp(g, C);
+    std::vector<float> v(g.image());
+    for (int64_t b = b0; b < b1; ++b) {
+      xp.fill(ptr(x) + b * g.image());
+      for (int64_t h = 0; h < h_dim; ++h) {
+        stencil(xp, ptr(kernels) + h * taps, v.data(), false, false);
+        float* fh = f.data_ptr<float>() + (b * h_dim + h) * C;
+        for (int64_t p = 0; p < g.pixels(); ++p) {
+          const float* vp = v.data() + p * C;
+          for (int64_t c = 0; c < C; ++c) fh[c] += vp[c] < 0.0f ? 0.0f : vp[c];
+        }
+      }
+    }
+  });
+  return f.div_(static_cast<double>(g.pixels())).transpose(1, 2);
+}
+
+// Gradients of scale_features_forward to x and the kernels; K_i * x is computed again rather than kept.
+std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& x, const Tensor& kernels) {
+  const Geometry g = geometry(x, kernels);
+  const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels;
+  Tensor grad = grad_f.transpose(1, 2).contiguous().div_(static_cast<double>(g.pixels()));  // (B, h_dim, C)
+  Tensor grad_x = empty_map(x);
+  Tensor grad_k = at::zeros({g.batch, h_dim, taps}, x.options());
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Padded xp(g, C), vp(g, C);
+    std::vector<float> v(g.image());
+    for (int64_t b = b0; b < b1; ++b) {
+      xp.fill(ptr(x) + b * g.image());
+      for (int64_t h = 0; h < h_dim; ++h) {
+        const float* kh = ptr(kernels) + h * taps;
+        const float* gh = ptr(grad) + (b * h_dim + h) * C;
+        stencil(xp, kh, v.data(), false, false);
+        for (int64_t p = 0; p < g.pixels(); ++p) {  // relu's gradient times the feature's
+          float* vq = v.data() + p * C;
+          for (int64_t c = 0; c < C; ++c) vq[c] = vq[c] > 0.0f ? gh[c] : 0.0f;
+        }
+        stencil_weight_grad(v.data(), xp, grad_k.data_ptr<float>() + (b * h_dim + h) * taps, 1.0f);
+        vp.fill(v.data());
+        stencil(vp, kh, grad_x.data_ptr<float>() + b * g.image(), true, h > 0);
+      }
+    }
+  });
+  return {grad_x, grad_k.sum(0).view(kernels.sizes())};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("perturb_forward", &perturb_forward);
+  m.def("perturb_backward", &perturb_backward);
+  m.def("scale_features_forward", &scale_features_forward);
+  m.def("scale_features_backward", &scale_features_backward);
+}

@@ -1,0 +1,119 @@
+"""φ's fused CPU kernels (`csrc/phi_cpu.cpp`): the noise path, the modulation and the scale features in a few
+passes over each image while it sits in cache, instead of a dozen separate operators per injection site.
+
+Built with the machine's C++ compiler the first time φ runs on a CPU (about 40 s, then cached by
+torch.utils.cpp_extension). Where they cannot be built (no compiler), or with TIMM_METAPERTURB_CPU_KERNELS=0,
+φ runs on torch operators instead, with the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "phi_cpu.cpp"
+# vectorised for this machine's CPU; no -ffast-math, which would break NaN propagation
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+ENV_SWITCH = "TIMM_METAPERTURB_CPU_KERNELS"
+EXPECTED_PERTURBATION = "phi_cpu.expected_perturbation"  # the single pass's name in profiles
+
+logger = logging.getLogger(__name__)
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _build_name() -> str:
+    """One build per CPU kind (-march=native code must not run on another CPU sharing the cache)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return "timm_metaperturb_phi_cpu_" + hashlib.sha1(f"{cpu}{flags}".encode()).hexdigest()[:10]
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernels, built on first call; None where switched off or where they cannot be built."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if "kernels" not in _loaded:
+        from torch.utils import cpp_extension
+
+        logger.info("building φ's CPU kernels (once per machine, about 40 s)")
+        try:
+            _loaded["kernels"] = cpp_extension.load(
+                _build_name(), [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
+            )
+        except Exception as error:  # no compiler, no ninja, a failed build: φ still works, only slower
+            warnings.warn(
+                f"φ's fused CPU kernels could not be built ({type(error).__name__}: {error}); φ runs on torch "
+                f"operators instead (same results, 2-4x slower). Install a C++ compiler and ninja, or set "
+                f"{ENV_SWITCH}=0 to skip this attempt.",
+                stacklevel=2,
+            )
+            _loaded["kernels"] = None
+    return _loaded["kernels"]
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether φ can run on the fused kernels for the float32 map x: on a CPU, outside torch.compile (which
+    traces torch operators), with the kernels built."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels() is not None
+
+
+_NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus table, unused when sampling
+
+
+class FusedPerturbation(torch.autograd.Function):
+    """out = min(((s * softplus(E2(relu(E1(x))) + eps) - 1) * k + 1) * x, clip) on the fused kernels; keeps x
+    and u = a + eps for the backward, which computes relu(E1(x)) again. x and eps channels-last, s (1, C, 1, 1)."""
+
+    @staticmethod
+    def forward(ctx, x, eps, s, *weights_strength_clip) -> torch.Tensor:
+        *weights, strength, clip = weights_strength_clip  # w1_self, w1_mean, w2_self, w2_mean
+        out, u = cpu_kernels().perturb_forward(x, eps, s.reshape(-1), *weights, *_NO_TABLE, strength, clip)
+        ctx.save_for_backward(x, u, s, *weights)
+        ctx.strength, ctx.clip = strength, clip
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, u, s, *weights = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x, grad_s, *grad_w = cpu_kernels().perturb_backward(
+            grad, x, u, s.reshape(-1), *weights, ctx.strength, ctx.clip
+        )
+        needs = ctx.needs_input_grad
+        grads = [grad_x, None, grad_s.view_as(s), *grad_w]
+        return *(g if need else None for g, need in zip(grads, needs, strict=False)), None, None
+
+
+def expected_perturbation(
+    x: torch.Tensor, s: torch.Tensor, weights: list[torch.Tensor], table: tuple, strength: float, clip: float
+) -> torch.Tensor:
+    """φ's deterministic single pass, z = E[softplus(a + eps)] interpolated in `table` (start, rise, grid limit,
+    grid step), without gradients."""
+    with torch.profiler.record_function(EXPECTED_PERTURBATION):
+        out, _ = cpu_kernels().perturb_forward(x, None, s.reshape(-1), *weights, *table, strength, clip)
+    return out
+
+
+class FusedScaleFeatures(torch.autograd.Function):
+    """f = GAP(relu(K * x)) of shape (B, C, h_dim) on the fused kernels; the backward computes K * x again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, kernels)
+        return cpu_kernels().scale_features_forward(x, kernels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, kernels = ctx.saved_tensors
+        grad_x, grad_kernels = cpu_kernels().scale_features_backward(grad, x, kernels)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_kernels if ctx.needs_input_grad[1] else None
