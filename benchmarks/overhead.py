@@ -37,7 +37,21 @@ from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
 PROFILES = Path(__file__).with_name("profiles")  # --profile's tables, one file per device kind
-VARIANTS = {"kept": False, "redrawn": True}  # the project's φ, its redraw_noise (CPU default: kept; GPU: redrawn)
+# the project's φ: on its fused CPU kernels (the CPU default), or on torch operators with eps kept for the backward
+# or drawn again there from its seed (the GPU default)
+VARIANTS = {
+    "fused": {"fused_cpu": True, "redraw_noise": False},
+    "kept": {"fused_cpu": False, "redraw_noise": False},
+    "redrawn": {"fused_cpu": False, "redraw_noise": True},
+}
+
+
+def variants(device: str) -> list[str]:
+    return list(VARIANTS) if device == "cpu" else ["kept", "redrawn"]
+
+
+def default_variant(device: str) -> str:
+    return "fused" if device == "cpu" else "redrawn"
 
 
 class ReferencePerturbation(SiteModule):
@@ -64,7 +78,8 @@ def build(name: str, size: int, variant: str) -> torch.nn.Module:
     model = timm.create_model(name, num_classes=10)
     if variant in VARIANTS:
         phi = MetaPerturb()
-        phi.redraw_noise = VARIANTS[variant]
+        for attribute, value in VARIANTS[variant].items():
+            setattr(phi, attribute, value)
         inject_metaperturb(model, phi, input_size=(3, size, size))
     elif variant == "reference":
         sites = discover_sites(model, input_size=(3, size, size))
@@ -167,11 +182,11 @@ def profile(
     y = torch.randint(0, 10, (batch_size,), device=device)
     cuda = device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    phi_default = "redrawn" if cuda else "kept"
+    phi_default = default_variant(device)
     models = {v: build(name, size, v).to(device) for v in ("plain", phi_default)}
     fns = {
         "plain step": train_step_fn(models["plain"], x, y),
-        f"φ step (eps {phi_default})": train_step_fn(models[phi_default], x, y),
+        f"φ step ({phi_default})": train_step_fn(models[phi_default], x, y),
         "φ single-pass eval": eval_fn(models[phi_default], x, noise="mean"),
     }
     if compile:
@@ -211,19 +226,18 @@ def main(argv: list[str] | None = None) -> str:
         print(text)
         return text
     repeats = 3 if args.quick else args.repeats
+    phis, default = variants(args.device), default_variant(args.device)
     rows = []
     for name, size in CONFIGS:
         x = torch.randn(args.batch_size, 3, size, size, device=args.device)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-        models = {v: build(name, size, v).to(args.device) for v in ("plain", *VARIANTS, "reference")}
+        models = {v: build(name, size, v).to(args.device) for v in ("plain", *phis, "reference")}
         train = median_times({v: train_step_fn(m, x, y) for v, m in models.items()}, repeats, device=args.device)
-        evals = {
-            "plain": eval_fn(models["plain"], x),
-            "single pass": eval_fn(models["kept"], x, noise="mean"),
-            f"MC-{args.mc_passes}": eval_fn(models["kept"], x, args.mc_passes, noise="sample"),
-        }
+        evals = {"plain": eval_fn(models["plain"], x)}
+        evals.update({f"single pass {v}": eval_fn(models[v], x, noise="mean") for v in phis[:-1]})
+        evals[f"MC-{args.mc_passes}"] = eval_fn(models[default], x, args.mc_passes, noise="sample")
         if args.compile:
-            evals.update(compiled_eval_fns(models["plain"], models["kept"], x))
+            evals.update(compiled_eval_fns(models["plain"], models[default], x))
         evaluation = median_times(evals, repeats, device=args.device)
         memory = {v: saved_memory_mb(m, x, y) for v, m in models.items()}
         rows.append((name, size, train, evaluation, memory))
@@ -231,32 +245,34 @@ def main(argv: list[str] | None = None) -> str:
 
     mc = f"MC-{args.mc_passes}"
     compiled = " plain eval compiled (s) | single pass compiled (x plain compiled) |" if args.compile else ""
+    names = " / ".join(phis)
     lines = [
-        "| network | input | plain step (s) | project φ, eps kept / redrawn | reference φ | plain eval (s) | "
-        f"single pass | {mc} |{compiled} memory kept for backward, project kept / redrawn / reference (x plain) |",
+        f"| network | input | plain step (s) | project φ: {names} | reference φ | plain eval (s) | single pass: "
+        f"{' / '.join(phis[:-1])} | {mc} |{compiled} memory kept for backward, project {names} / reference (x plain) |",
         "|" + " --- |" * (11 if args.compile else 9),
     ]
     for name, size, train, evaluation, memory in rows:
-        step = {k: v / train["plain"] for k, v in train.items()}
-        mem = " / ".join(f"{memory[v] / memory['plain']:.2f}" for v in (*VARIANTS, "reference"))
+        step = " / ".join(f"{train[v] / train['plain']:.2f}x" for v in phis)
+        single = " / ".join(f"{evaluation[f'single pass {v}'] / evaluation['plain']:.2f}x" for v in phis[:-1])
+        mem = " / ".join(f"{memory[v] / memory['plain']:.2f}" for v in (*phis, "reference"))
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
         cells = ""
         if args.compile:
             plain_compiled = evaluation[COMPILED_PLAIN]
             cells = f" {plain_compiled:.3f} | {evaluation[COMPILED_PHI] / plain_compiled:.2f}x |"
         lines.append(
-            f"| {name} | {size}x{size} | {train['plain']:.3f} | {step['kept']:.2f}x / {step['redrawn']:.2f}x | "
-            f"{step['reference']:.2f}x | {evaluation['plain']:.3f} | {ratio['single pass']:.2f}x | {ratio[mc]:.2f}x |"
-            f"{cells} {mem} |"
+            f"| {name} | {size}x{size} | {train['plain']:.3f} | {step} | {train['reference'] / train['plain']:.2f}x | "
+            f"{evaluation['plain']:.3f} | {single} | {ratio[mc]:.2f}x |{cells} {mem} |"
         )
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
         f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
-        "backward, Adam. Eval: one deterministic pass "
-        f"(noise replaced by its expectation) and {mc} ({args.mc_passes} sampled passes, the reference's way), both "
-        "with the project's φ"
+        "backward, Adam. Project φ: fused = its fused CPU kernels (`phi_cpu.py`, the CPU default), kept / redrawn = "
+        "on torch operators with eps kept for the backward / drawn again there from its seed (the GPU default). "
+        "Eval: one deterministic pass (noise replaced by its expectation) and "
+        f"{mc} ({args.mc_passes} sampled passes, the reference's way, with φ's default for the device)"
         + (
             "; compiled: `torch.compile(model, fullgraph=True)`, default inductor backend, checked against eager"
             if args.compile
