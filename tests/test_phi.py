@@ -79,11 +79,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 @pytest.mark.parametrize("noise", ["given", "drawn, kept", "drawn, redrawn"])
 def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, noise, device, monkeypatch):
-    """The fast φ (channels-last, custom backward, recomputation) against the formulas with autograd: output,
-    running statistics and the gradients to h and to all 82 parameters, with some outputs clipped; eps given,
-    or drawn by φ from a seed and either kept for the backward or drawn again there."""
+    """The fast φ on torch operators (channels-last, custom backward, recomputation) against the formulas with
+    autograd: output, running statistics and the gradients to h and to all 82 parameters, with some outputs
+    clipped; eps given, or drawn by φ from a seed and either kept for the backward or drawn again there. (The
+    fused CPU kernels: test_phi_cpu.py.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact float32 convolutions on a GPU
     phi = strong_phi(clip=3.0).to(device)
+    phi.fused_cpu = False
     phi.redraw_noise = noise == "drawn, redrawn"
     h = (torch.randn(6, 5, 9, 9, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
     eps, grad_out = torch.randn(6, 5, 9, 9, device=device), torch.randn(6, 5, 9, 9, device=device)

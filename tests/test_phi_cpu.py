@@ -79,6 +79,55 @@ def test_fused_single_pass_equals_torch_operators(layout):
     assert fused(h.requires_grad_(), stats).requires_grad
 
 
+def test_drawn_noise_is_the_generators_and_gradients_follow_it():
+    """With eps drawn inside the kernel from a seed taken from torch's generator, φ computes the formulas with
+    the eps that `normal_noise_like` gives for that seed."""
+    phi = strong_phi()
+    h = torch.randn(4, 6, 9, 9, requires_grad=True)
+    torch.manual_seed(11)
+    out = phi(h, SiteStatistics(6, 4).train(), strength=0.7)
+    torch.manual_seed(11)
+    eps = phi_cpu.normal_noise_like(
+        h.detach().contiguous(memory_format=torch.channels_last), int(torch.randint(2**62, ()).item())
+    )
+    expected, _ = reference_perturb(phi, h, eps, strength=0.7)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    inputs = [h, *phi.parameters()]
+    for fused, ref in zip(*(torch.autograd.grad(y.square().sum(), inputs) for y in (out, expected)), strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+
+
+def test_kernel_noise_is_standard_normal_and_independent():
+    """The counter-based generator: N(0, 1) quantiles, no correlation between neighbours in any direction
+    (channels, pixels, images, the two halves of a Box-Muller pair), a new stream per seed, and the same stream
+    whatever the number of threads."""
+    like = torch.empty(64, 17, 31, 31).contiguous(memory_format=torch.channels_last)  # odd sizes: an odd image
+    eps = phi_cpu.normal_noise_like(like, 5)
+    assert eps.shape == like.shape and eps.is_contiguous(memory_format=torch.channels_last)
+    values = eps.flatten().sort().values
+    probabilities = (torch.arange(len(values), dtype=torch.float64) + 0.5) / len(values)
+    quantiles = torch.special.ndtri(probabilities).float()
+    central = (probabilities > 0.001) & (probabilities < 0.999)
+    assert (values - quantiles)[central].abs().max() < 0.02
+    assert values[0] < -4 and values[-1] > 4  # tails reach 4 standard deviations (1.1M draws)
+    flat = eps.permute(0, 2, 3, 1).reshape(64, -1)  # memory order: the generator's counter order per image
+    half = flat.shape[1] // 2
+    for a, b in [
+        (eps[:, 1:], eps[:, :-1]),
+        (eps[..., 1:], eps[..., :-1]),
+        (eps[1:], eps[:-1]),
+        (flat[:, :half], flat[:, half : 2 * half]),
+    ]:
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs() < 0.01
+    assert not torch.equal(eps, phi_cpu.normal_noise_like(like, 6))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(eps, phi_cpu.normal_noise_like(like, 5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_same_seed_gives_identical_results():
     h = torch.randn(8, 16, 12, 12, requires_grad=True)
     results = []

@@ -346,8 +346,10 @@ class MetaPerturb(
 
     def scale_features(self, h: torch.Tensor) -> torch.Tensor:
         """f = GAP(relu(K * h)) of shape (B, C, h_dim): what the scale's statistics summarise."""
-        x, kernels = _channels_last(h), self.scale_kernels.float()
-        return (FusedScaleFeatures if self._fused(x) else _ScaleFeatures).apply(x, kernels)
+        kernels = self.scale_kernels.float()
+        if self._fused(h):
+            return FusedScaleFeatures.apply(h.contiguous(memory_format=phi_cpu.layout(h)), kernels)
+        return _ScaleFeatures.apply(_channels_last(h), kernels)
 
     def _fused(self, x: torch.Tensor) -> bool:
         return self.fused_cpu and phi_cpu.usable(x)
@@ -409,34 +411,34 @@ class MetaPerturb(
             raise ValueError(f"MetaPerturb at site '{site}' needs a 4-D (B, C, H, W) feature map, got {tuple(h.shape)}")
         with torch.autocast(device_type=h.device.type, enabled=False):
             x = h.float()
-            x_cl = _channels_last(x)
+            fused = self._fused(x)  # the fused CPU kernels read either layout; torch operators run channels-last
+            x = x.contiguous(memory_format=phi_cpu.layout(x)) if fused else _channels_last(x)
             if "scale" in self.components:
-                mean, var = self.channel_statistics(x_cl, stats, site)
+                mean, var = self.channel_statistics(x, stats, site)
                 s = self.scale(mean, var, x.shape[-2]).view(1, -1, 1, 1)
             else:
                 s = x.new_ones(1, x.shape[1], 1, 1)
             if "noise" not in self.components:
-                out = _modulate(x_cl, x.new_ones(()).expand_as(x_cl), s, strength, self.clip, in_place=False)
+                out = _modulate(x, x.new_ones(()).expand_as(x), s, strength, self.clip, in_place=False)
             elif not self.training and self.eval_noise == "mean":
-                needs_grad = torch.is_grad_enabled() and _any_requires_grad(x_cl, s, *self.parameters())
-                if self._fused(x_cl) and not needs_grad:  # the fused single pass has no backward
+                needs_grad = torch.is_grad_enabled() and _any_requires_grad(x, s, *self.parameters())
+                if fused and not needs_grad:  # the fused single pass has no backward
                     table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
-                    out = phi_cpu.expected_perturbation(x_cl, s, self._noise_weights(), table, strength, self.clip)
+                    out = phi_cpu.expected_perturbation(x, s, self._noise_weights(), table, strength, self.clip)
                 else:
-                    z = expected_softplus(self.noise_logits(x_cl))
-                    out = _modulate(x_cl, z, s, strength, self.clip, in_place=not z.requires_grad)
+                    x = _channels_last(x)
+                    z = expected_softplus(self.noise_logits(x))
+                    out = _modulate(x, z, s, strength, self.clip, in_place=not z.requires_grad)
             else:
-                # eps from a seed drawn from torch's generator, so the backward can draw it again (redraw_noise)
-                eps = (
-                    int(torch.randint(2**62, ()).item())
-                    if noise is None
-                    else _relayout(noise.float(), torch.channels_last)
-                )
                 redraw = noise is None and (x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise)
-                weights = self._noise_weights()
-                if self._fused(x_cl) and not redraw:
-                    eps = draw_noise(eps, x_cl) if isinstance(eps, int) else eps
-                    out = FusedPerturbation.apply(x_cl, eps, s, *weights, strength, self.clip)
+                # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch
+                # operators too and again in the backward where `redraw`
+                seed = int(torch.randint(2**62, ()).item()) if noise is None else None
+                if fused and not redraw:
+                    eps = seed if noise is None else noise.float().contiguous(memory_format=phi_cpu.layout(x))
+                    out = FusedPerturbation.apply(x, eps, s, *self._noise_weights(), strength, self.clip)
                 else:
-                    out = _SampledPerturbation.apply(x_cl, eps, redraw, s, *weights, strength, self.clip)
-        return _relayout(out, _layout(x)).to(h.dtype)
+                    x = _channels_last(x)
+                    eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)
+                    out = _SampledPerturbation.apply(x, eps, redraw, s, *self._noise_weights(), strength, self.clip)
+        return _relayout(out, _layout(h)).to(h.dtype)

@@ -61,6 +61,11 @@ def cpu_kernels() -> ModuleType | None:
     return _loaded["kernels"]
 
 
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels read x in without a copy: channels-last where x is, else contiguous."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether φ can run on the fused kernels for the float32 map x: on a CPU, outside torch.compile (which
     traces torch operators), with the kernels built."""
@@ -71,13 +76,16 @@ _NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus 
 
 
 class FusedPerturbation(torch.autograd.Function):
-    """out = min(((s * softplus(E2(relu(E1(x))) + eps) - 1) * k + 1) * x, clip) on the fused kernels; keeps x
-    and u = a + eps for the backward, which computes relu(E1(x)) again. x and eps channels-last, s (1, C, 1, 1)."""
+    """out = min(((s * softplus(E2(relu(E1(x))) + eps) - 1) * k + 1) * x, clip) on the fused kernels, eps given
+    (`noise`, channels-last) or, for an int `noise`, drawn inside the kernel from that seed (`normal_noise_like`
+    gives the same eps); keeps x and u = a + eps for the backward, which computes relu(E1(x)) again. x (and eps)
+    contiguous or channels-last, out and the gradient in x's layout; s (1, C, 1, 1)."""
 
     @staticmethod
-    def forward(ctx, x, eps, s, *weights_strength_clip) -> torch.Tensor:
+    def forward(ctx, x, noise: torch.Tensor | int, s, *weights_strength_clip) -> torch.Tensor:
         *weights, strength, clip = weights_strength_clip  # w1_self, w1_mean, w2_self, w2_mean
-        out, u = cpu_kernels().perturb_forward(x, eps, s.reshape(-1), *weights, *_NO_TABLE, strength, clip)
+        eps, seed = (None, noise) if isinstance(noise, int) else (noise, None)
+        out, u = cpu_kernels().perturb_forward(x, eps, seed, s.reshape(-1), *weights, *_NO_TABLE, strength, clip)
         ctx.save_for_backward(x, u, s, *weights)
         ctx.strength, ctx.clip = strength, clip
         return out
@@ -85,7 +93,7 @@ class FusedPerturbation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, u, s, *weights = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad = grad.contiguous(memory_format=layout(x))
         grad_x, grad_s, *grad_w = cpu_kernels().perturb_backward(
             grad, x, u, s.reshape(-1), *weights, ctx.strength, ctx.clip
         )
@@ -100,8 +108,14 @@ def expected_perturbation(
     """φ's deterministic single pass, z = E[softplus(a + eps)] interpolated in `table` (start, rise, grid limit,
     grid step), without gradients."""
     with torch.profiler.record_function(EXPECTED_PERTURBATION):
-        out, _ = cpu_kernels().perturb_forward(x, None, s.reshape(-1), *weights, *table, strength, clip)
+        out, _ = cpu_kernels().perturb_forward(x, None, None, s.reshape(-1), *weights, *table, strength, clip)
     return out
+
+
+def normal_noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The eps ~ N(0, 1) that the fused kernels draw from `seed` for a map shaped like x (channels-last): a
+    counter-based generator, so each value depends only on the seed, the image and the position."""
+    return cpu_kernels().normal_noise_like(x, seed)
 
 
 class FusedScaleFeatures(torch.autograd.Function):
@@ -114,6 +128,6 @@ class FusedScaleFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, kernels = ctx.saved_tensors
+        x, kernels = ctx.saved_tensors  # the gradient to x comes in x's layout
         grad_x, grad_kernels = cpu_kernels().scale_features_backward(grad, x, kernels)
         return grad_x if ctx.needs_input_grad[0] else None, grad_kernels if ctx.needs_input_grad[1] else None

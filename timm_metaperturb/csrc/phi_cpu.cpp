@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -47,16 +48,15 @@ inline float fast_exp(float x) {
   return y * bits_to_float((n + 127) << 23);
 }
 
-// log(1 + t) for t in [0, 1], accurate for small t too (Goldberg's correction).
-inline float log1p_unit(float t) {
-  float y = 1.0f + t;
-  int32_t bits = float_to_bits(y);
+// log(y) for a normal float y > 0.
+inline float fast_log(float y) {
+  const int32_t bits = float_to_bits(y);
   int32_t e = ((bits >> 23) & 0xff) - 126;
   float m = bits_to_float((bits & 0x807fffff) | 0x3f000000);  // y = m * 2^e, m in [0.5, 1)
-  bool low = m < 0.707106781186547524f;
+  const bool low = m < 0.707106781186547524f;
   e -= low ? 1 : 0;
   m = (low ? m + m : m) - 1.0f;
-  float z = m * m;
+  const float z = m * m;
   float p = 7.0376836292e-2f;
   p = p * m - 1.1514610310e-1f;
   p = p * m + 1.1676998740e-1f;
@@ -66,10 +66,14 @@ inline float log1p_unit(float t) {
   p = p * m + 2.0000714765e-1f;
   p = p * m - 2.4999993993e-1f;
   p = p * m + 3.3333331174e-1f;
-  float fe = static_cast<float>(e);
-  float log_y = m + (p * m * z - 2.12194440e-4f * fe - 0.5f * z) + 0.693359375f * fe;
-  float d = y - 1.0f;
-  return d == 0.0f ? t : log_y * (t / d);
+  const float fe = static_cast<float>(e);
+  return m + (p * m * z - 2.12194440e-4f * fe - 0.5f * z) + 0.693359375f * fe;
+}
+
+// log(1 + t) for t in [0, 1], accurate for small t too (Goldberg's correction).
+inline float log1p_unit(float t) {
+  const float y = 1.0f + t, d = y - 1.0f;
+  return d == 0.0f ? t : fast_log(y) * (t / d);
 }
 
 // torch's softplus (beta 1, threshold 20) and its derivative.
@@ -81,21 +85,117 @@ inline float softplus(float u) {
 
 inline float sigmoid(float u) { return 1.0f / (1.0f + fast_exp(-u)); }
 
+// eps ~ N(0, 1) from a counter-based generator: each value depends only on (seed, image, position), so the noise
+// is the same whatever the number of threads, and is computed where it is used instead of stored.
+inline uint32_t mix32(uint32_t h) {  // an integer hash with full avalanche (C. Wellons' lowbias32)
+  h ^= h >> 16;
+  h *= 0x7feb352dU;
+  h ^= h >> 15;
+  h *= 0x846ca68bU;
+  h ^= h >> 16;
+  return h;
+}
+
+// cos and sin of 2 pi v for v in [0, 1): quadrant, then Cephes' polynomials on [-pi/4, pi/4].
+inline void cos_sin_turn(float v, float& cosine, float& sine) {
+  const float quarters = v * 4.0f;
+  const int32_t q = static_cast<int32_t>(quarters);
+  const float x = (quarters - static_cast<float>(q) - 0.5f) * 1.57079632679489662f;  // in [-pi/4, pi/4)
+  const float x2 = x * x;
+  const float s = x + x * x2 * (-1.6666654611e-1f + x2 * (8.3321608736e-3f + x2 * -1.9515295891e-4f));
+  const float c = 1.0f - 0.5f * x2 + x2 * x2 * (4.166664568298827e-2f + x2 * (-1.388731625493765e-3f + x2 * 2.443315711809948e-5f));
+  const float r = 0.70710678118654752f;  // the angle within the quadrant is x + pi/4
+  const float cq = (c - s) * r, sq = (s + c) * r;
+  cosine = q == 0 ? cq : (q == 1 ? -sq : (q == 2 ? -cq : sq));
+  sine = q == 0 ? sq : (q == 1 ? cq : (q == 2 ? -sq : -cq));
+}
+
+// The pair of N(0, 1) values at counter i of an image's stream (keys), by Box-Muller.
+inline void normal_pair(uint32_t key1, uint32_t key2, uint32_t i, float& first, float& second) {
+  const uint32_t counter = mix32(mix32(i ^ key1) ^ key2);
+  const float u1 = static_cast<float>(static_cast<int32_t>(mix32(counter ^ 0x68e31da4U) >> 8) + 1) * 5.9604645e-8f;
+  const float u2 = static_cast<float>(static_cast<int32_t>(mix32(counter + 0xb5297a4dU) >> 8)) * 5.9604645e-8f;
+  const float radius = std::sqrt(-2.0f * fast_log(u1));  // u1 in (0, 1], u2 in [0, 1)
+  float cosine, sine;
+  cos_sin_turn(u2, cosine, sine);
+  first = radius * cosine;
+  second = radius * sine;
+}
+
+void fill_normal_pairs(uint32_t key1, uint32_t key2, float* __restrict first, float* __restrict second, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) normal_pair(key1, key2, static_cast<uint32_t>(i), first[i], second[i]);
+}
+
+// The n values of image b under `seed`: pair i gives eps[i] and eps[i + n / 2] (and an odd n's last value alone).
+void normal_noise(uint64_t seed, int64_t b, float* __restrict eps, int64_t n) {
+  const uint32_t image = mix32(static_cast<uint32_t>(b) ^ 0x9e3779b9U);
+  const uint32_t key1 = mix32(static_cast<uint32_t>(seed) ^ image);
+  const uint32_t key2 = mix32(static_cast<uint32_t>(seed >> 32) + image);
+  const int64_t half = n / 2;
+  fill_normal_pairs(key1, key2, eps, eps + half, half);
+  if (n % 2 == 1) {
+    float unused;
+    normal_pair(key1, key2, static_cast<uint32_t>(half), eps[n - 1], unused);
+  }
+}
+
 struct Geometry {
   int64_t batch, channels, height, width, ksize, pad;
+  bool channels_last;  // the maps' memory layout (the kernels compute channels-last either way)
   int64_t pixels() const { return height * width; }
   int64_t image() const { return height * width * channels; }
+  at::MemoryFormat layout() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+  void check(const Tensor& t, const char* name) const {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef({batch, channels, height, width}) && t.is_contiguous(layout()),
+                name, " must have the feature map's shape and memory layout");
+  }
 };
 
 Geometry geometry(const Tensor& x, const Tensor& kernel) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "φ's CPU kernels take a float32 (B, C, H, W) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "φ's CPU kernels take channels-last maps");
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "φ's CPU kernels take contiguous or channels-last maps");
   const int64_t k = kernel.size(-1);
-  return {x.size(0), x.size(1), x.size(2), x.size(3), k, k / 2};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), k, k / 2, channels_last};
 }
 
 Tensor empty_map(const Tensor& x) { return at::empty_like(x, at::MemoryFormat::ChannelsLast); }
+
+// One map's images, read and written channels-last whatever the map's layout: a channels-last map in place, a
+// channels-first one through a transposed copy of the current image in this thread's buffer (in cache, instead of
+// a copy of the whole map before and after φ).
+class Images {
+ public:
+  Images(const Geometry& g, const Tensor& map) : g_(g), map_(map), buffer_(g.channels_last ? 0 : g.image()) {}
+
+  const float* read(int64_t b) {
+    const float* image = map_.data_ptr<float>() + b * g_.image();
+    if (g_.channels_last) return image;
+    const int64_t C = g_.channels, P = g_.pixels();
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; ++c) buffer_[p * C + c] = image[c * P + p];
+    return buffer_.data();
+  }
+
+  // Where to put image b's channels-last values; `store` then writes them into the map.
+  float* target(int64_t b) { return g_.channels_last ? map_.data_ptr<float>() + b * g_.image() : buffer_.data(); }
+
+  void store(int64_t b) {
+    if (g_.channels_last) return;
+    float* image = map_.data_ptr<float>() + b * g_.image();
+    const int64_t C = g_.channels, P = g_.pixels();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p) image[c * P + p] = buffer_[p * C + c];
+  }
+
+ private:
+  const Geometry& g_;
+  Tensor map_;
+  std::vector<float> buffer_;
+};
 
 inline float dot(const float* __restrict x, const float* __restrict y, int64_t n) {
   float sum = 0.0f;
@@ -199,10 +299,10 @@ void equivariant(const MapAndMean& x, const float* w_self, const float* w_mean, 
 // Per-image working memory, allocated once per thread.
 struct Scratch {
   MapAndMean x, r, grad;
-  std::vector<float> hidden, a, grad_u, grad_pre, pixels;
+  std::vector<float> hidden, a, eps, grad_u, grad_pre, pixels;
   explicit Scratch(const Geometry& g)
-      : x(g), r(g), grad(g), hidden(g.image()), a(g.image()), grad_u(g.image()), grad_pre(g.image()),
-        pixels(g.pixels()) {}
+      : x(g), r(g), grad(g), hidden(g.image()), a(g.image()), eps(g.image()), grad_u(g.image()),
+        grad_pre(g.image()), pixels(g.pixels()) {}
 };
 
 // r = relu(E1(x)) for one image into t.hidden, with x and r (and their channel means) padded in t.x and t.r.
@@ -278,34 +378,38 @@ const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
 
 }  // namespace
 
-// out = min(((s * z - 1) * k + 1) * x, clip) with z = softplus(E2(relu(E1(x))) + eps), or, with eps undefined,
-// z = E[softplus(a + eps)] read off the table (start, rise) of `expected_softplus`. Returns out and, with eps,
-// u = a + eps, which the backward needs.
-std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>& eps, const Tensor& s,
-                                    const Tensor& w1_self, const Tensor& w1_mean, const Tensor& w2_self,
-                                    const Tensor& w2_mean, const Tensor& table_start, const Tensor& table_rise,
-                                    double grid_limit, double grid_step, double strength, double clip) {
+// out = min(((s * z - 1) * k + 1) * x, clip) with z = softplus(E2(relu(E1(x))) + eps), eps given (`noise`) or
+// drawn from `seed` (see normal_noise), or, with neither, z = E[softplus(a + eps)] read off the table (start,
+// rise) of `expected_softplus`. Returns out and, when sampling, u = a + eps, which the backward needs.
+std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>& noise, std::optional<int64_t> seed,
+                                    const Tensor& s, const Tensor& w1_self, const Tensor& w1_mean,
+                                    const Tensor& w2_self, const Tensor& w2_mean, const Tensor& table_start,
+                                    const Tensor& table_rise, double grid_limit, double grid_step, double strength,
+                                    double clip) {
   const Geometry g = geometry(x, w1_self);
-  const bool sampled = eps.has_value();
-  TORCH_CHECK(!sampled || eps->is_contiguous(at::MemoryFormat::ChannelsLast), "eps must be channels-last");
-  Tensor out = empty_map(x);
-  Tensor u = sampled ? empty_map(x) : Tensor();
+  const bool sampled = noise.has_value() || seed.has_value();
+  if (noise.has_value()) g.check(*noise, "eps");
+  Tensor out = at::empty_like(x, g.layout());
+  Tensor u = sampled ? empty_map(x) : Tensor();  // read only by perturb_backward: always channels-last
   const float k = static_cast<float>(strength), limit = static_cast<float>(clip);
   const float inv_step = static_cast<float>(1.0 / grid_step), offset = static_cast<float>(grid_limit / grid_step);
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
     Scratch t(g);
+    Images x_images(g, x), out_images(g, out), noise_images(g, noise.has_value() ? *noise : x);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t base = b * g.image();
-      hidden(ptr(x) + base, ptr(w1_self), ptr(w1_mean), t);
+      const float* xb = x_images.read(b);
+      hidden(xb, ptr(w1_self), ptr(w1_mean), t);
       equivariant(t.r, ptr(w2_self), ptr(w2_mean), t.a.data(), false, false, t.pixels.data());
       if (sampled) {
-        modulate_sampled(g.pixels(), g.channels, t.a.data(), ptr(*eps) + base, ptr(x) + base, ptr(s), k, limit,
-                         u.data_ptr<float>() + base, out.data_ptr<float>() + base);
+        if (!noise.has_value()) normal_noise(static_cast<uint64_t>(*seed), b, t.eps.data(), g.image());
+        const float* eps = noise.has_value() ? noise_images.read(b) : t.eps.data();
+        modulate_sampled(g.pixels(), g.channels, t.a.data(), eps, xb, ptr(s), k, limit,
+                         u.data_ptr<float>() + b * g.image(), out_images.target(b));
       } else {
         modulate_expected(g.pixels(), g.channels, t.a.data(), ptr(table_start), ptr(table_rise),
-                          table_start.numel() - 1, inv_step, offset, ptr(x) + base, ptr(s), k, limit,
-                          out.data_ptr<float>() + base);
+                          table_start.numel() - 1, inv_step, offset, xb, ptr(s), k, limit, out_images.target(b));
       }
+      out_images.store(b);
     }
   });
   return {out, u};
@@ -317,26 +421,27 @@ std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, co
                                      const Tensor& w1_self, const Tensor& w1_mean, const Tensor& w2_self,
                                      const Tensor& w2_mean, double strength, double clip) {
   const Geometry g = geometry(x, w1_self);
-  TORCH_CHECK(grad_out.is_contiguous(at::MemoryFormat::ChannelsLast), "the gradient must be channels-last");
+  g.check(grad_out, "the gradient");
   const int64_t taps = g.ksize * g.ksize;
-  Tensor grad_x = empty_map(x);
+  Tensor grad_x = at::empty_like(x, g.layout());
   Tensor grad_s = at::zeros({g.batch, g.channels}, x.options());
   Tensor grad_w = at::zeros({g.batch, 4, taps}, x.options());  // per image: w1_self, w1_mean, w2_self, w2_mean
   const float k = static_cast<float>(strength), limit = static_cast<float>(clip);
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
     Scratch t(g);
+    Images x_images(g, x), grad_images(g, grad_out), grad_x_images(g, grad_x);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t base = b * g.image();
-      const float* xb = ptr(x) + base;
-      float* gxb = grad_x.data_ptr<float>() + base;
+      const float* xb = x_images.read(b);
+      float* gxb = grad_x_images.target(b);
       float* gwb = grad_w.data_ptr<float>() + b * 4 * taps;
       hidden(xb, ptr(w1_self), ptr(w1_mean), t);
-      modulate_backward(g.pixels(), g.channels, ptr(grad_out) + base, xb, ptr(u) + base, ptr(s), k, limit, gxb,
-                        grad_s.data_ptr<float>() + b * g.channels, t.grad_u.data());
+      modulate_backward(g.pixels(), g.channels, grad_images.read(b), xb, ptr(u) + b * g.image(), ptr(s), k, limit,
+                        gxb, grad_s.data_ptr<float>() + b * g.channels, t.grad_u.data());
       equivariant_backward(t.grad_u.data(), t.r, ptr(w2_self), ptr(w2_mean), gwb + 2 * taps, gwb + 3 * taps,
                            t.grad_pre.data(), false, t);
       for (int64_t n = 0; n < g.image(); ++n) t.grad_pre[n] = t.hidden[n] > 0.0f ? t.grad_pre[n] : 0.0f;  // relu
       equivariant_backward(t.grad_pre.data(), t.x, ptr(w1_self), ptr(w1_mean), gwb, gwb + taps, gxb, true, t);
+      grad_x_images.store(b);
     }
   });
   Tensor grads = grad_w.sum(0);
@@ -353,9 +458,10 @@ Tensor scale_features_forward(const Tensor& x, const Tensor& kernels) {
   Tensor f = at::zeros({g.batch, h_dim, C}, x.options());
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
     Padded xp(g, C);
+    Images x_images(g, x);
     std::vector<float> v(g.image());
     for (int64_t b = b0; b < b1; ++b) {
-      xp.fill(ptr(x) + b * g.image());
+      xp.fill(x_images.read(b));
       for (int64_t h = 0; h < h_dim; ++h) {
         stencil(xp, ptr(kernels) + h * taps, v.data(), false, false);
         float* fh = f.data_ptr<float>() + (b * h_dim + h) * C;
@@ -374,13 +480,14 @@ std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& 
   const Geometry g = geometry(x, kernels);
   const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels;
   Tensor grad = grad_f.transpose(1, 2).contiguous().div_(static_cast<double>(g.pixels()));  // (B, h_dim, C)
-  Tensor grad_x = empty_map(x);
+  Tensor grad_x = at::empty_like(x, g.layout());
   Tensor grad_k = at::zeros({g.batch, h_dim, taps}, x.options());
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
     Padded xp(g, C), vp(g, C);
+    Images x_images(g, x), grad_x_images(g, grad_x);
     std::vector<float> v(g.image());
     for (int64_t b = b0; b < b1; ++b) {
-      xp.fill(ptr(x) + b * g.image());
+      xp.fill(x_images.read(b));
       for (int64_t h = 0; h < h_dim; ++h) {
         const float* kh = ptr(kernels) + h * taps;
         const float* gh = ptr(grad) + (b * h_dim + h) * C;
@@ -391,14 +498,27 @@ std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& 
         }
         stencil_weight_grad(v.data(), xp, grad_k.data_ptr<float>() + (b * h_dim + h) * taps, 1.0f);
         vp.fill(v.data());
-        stencil(vp, kh, grad_x.data_ptr<float>() + b * g.image(), true, h > 0);
+        stencil(vp, kh, grad_x_images.target(b), true, h > 0);
       }
+      grad_x_images.store(b);
     }
   });
   return {grad_x, grad_k.sum(0).view(kernels.sizes())};
 }
 
+// The eps that perturb_forward draws from `seed` for a map shaped like x (channels-last).
+Tensor normal_noise_like(const Tensor& x, int64_t seed) {
+  Tensor eps = empty_map(x);
+  const int64_t image = eps.numel() / std::max<int64_t>(x.size(0), 1);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      normal_noise(static_cast<uint64_t>(seed), b, eps.data_ptr<float>() + b * image, image);
+  });
+  return eps;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("normal_noise_like", &normal_noise_like);
   m.def("perturb_forward", &perturb_forward);
   m.def("perturb_backward", &perturb_backward);
   m.def("scale_features_forward", &scale_features_forward);
