@@ -37,10 +37,10 @@ from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
 PROFILES = Path(__file__).with_name("profiles")  # --profile's tables, one file per device kind
-# the project's φ: on its fused CPU kernels (the CPU default), or on torch operators with eps kept for the backward
-# or drawn again there from its seed (the GPU default)
+# the project's φ: on its fused CPU kernels (the CPU default; eps drawn again in the backward), or on torch
+# operators with eps kept for the backward or drawn again there from its seed (the GPU default)
 VARIANTS = {
-    "fused": {"fused_cpu": True, "redraw_noise": False},
+    "fused": {"fused_cpu": True, "redraw_noise": None},
     "kept": {"fused_cpu": False, "redraw_noise": False},
     "redrawn": {"fused_cpu": False, "redraw_noise": True},
 }
@@ -269,8 +269,9 @@ def main(argv: list[str] | None = None) -> str:
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
         f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
-        "backward, Adam. Project φ: fused = its fused CPU kernels (`phi_cpu.py`, the CPU default), kept / redrawn = "
-        "on torch operators with eps kept for the backward / drawn again there from its seed (the GPU default). "
+        "backward, Adam. Project φ: fused = its fused CPU kernels (`phi_cpu.py`, the CPU default, eps drawn again "
+        "in the backward), kept / redrawn = on torch operators with eps kept for the backward / drawn again there "
+        "from its seed (the GPU default). "
         "Eval: one deterministic pass (noise replaced by its expectation) and "
         f"{mc} ({args.mc_passes} sampled passes, the reference's way, with φ's default for the device)"
         + (

@@ -97,6 +97,35 @@ def test_drawn_noise_is_the_generators_and_gradients_follow_it():
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
 
 
+def saved_bytes(fn) -> int:
+    """Bytes that autograd keeps from fn() for the backward (distinct storages)."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_redrawn_noise_gives_the_same_gradients_from_less_memory():
+    """With `redraw_noise` the backward computes u = a + eps again from eps's seed instead of keeping it: the same
+    gradients, bit for bit, and a feature map less kept per site."""
+    h = torch.randn(8, 16, 12, 12, requires_grad=True)
+    results = {}
+    for redraw in (False, True):
+        phi = strong_phi()
+        phi.redraw_noise = redraw
+        torch.manual_seed(2)
+        out, kept = saved_bytes(lambda phi=phi: phi(h, SiteStatistics(16, 4).train()))
+        results[redraw] = (kept, out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()]))
+    (kept_u, *values_kept), (kept_seed, *values_redrawn) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(values_kept, values_redrawn, strict=True))
+    assert kept_u - kept_seed == h.numel() * 4  # u: one float32 map
+
+
 def test_kernel_noise_is_standard_normal_and_independent():
     """The counter-based generator: N(0, 1) quantiles, no correlation between neighbours in any direction
     (channels, pixels, images, the two halves of a Box-Muller pair), a new stream per seed, and the same stream

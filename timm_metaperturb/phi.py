@@ -294,8 +294,8 @@ class MetaPerturb(
         self.momentum = float(momentum)
         self.provenance: dict = {}  # how this φ was made: source data, network, steps, command, results
         self.eval_noise = "sample"  # at eval: "sample" eps (the reference) or use its expectation ("mean")
-        # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: on
-        # accelerators (where drawing is cheap), not on CPU (where drawing costs as much as a convolution)
+        # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: where
+        # drawing is cheap (the fused CPU kernels, accelerators), not with torch operators on a CPU
         self.redraw_noise: bool | None = None
         # on a CPU: run on the fused kernels of phi_cpu.py where they can be built (False: torch operators)
         self.fused_cpu = True
@@ -430,13 +430,14 @@ class MetaPerturb(
                     z = expected_softplus(self.noise_logits(x))
                     out = _modulate(x, z, s, strength, self.clip, in_place=not z.requires_grad)
             else:
-                redraw = noise is None and (x.device.type != "cpu" if self.redraw_noise is None else self.redraw_noise)
+                cheap_draw = fused or x.device.type != "cpu"
+                redraw = noise is None and (cheap_draw if self.redraw_noise is None else self.redraw_noise)
                 # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch
                 # operators too and again in the backward where `redraw`
                 seed = int(torch.randint(2**62, ()).item()) if noise is None else None
-                if fused and not redraw:
+                if fused:
                     eps = seed if noise is None else noise.float().contiguous(memory_format=phi_cpu.layout(x))
-                    out = FusedPerturbation.apply(x, eps, s, *self._noise_weights(), strength, self.clip)
+                    out = FusedPerturbation.apply(x, eps, redraw, s, *self._noise_weights(), strength, self.clip)
                 else:
                     x = _channels_last(x)
                     eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)

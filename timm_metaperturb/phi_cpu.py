@@ -77,29 +77,33 @@ _NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus 
 
 class FusedPerturbation(torch.autograd.Function):
     """out = min(((s * softplus(E2(relu(E1(x))) + eps) - 1) * k + 1) * x, clip) on the fused kernels, eps given
-    (`noise`, channels-last) or, for an int `noise`, drawn inside the kernel from that seed (`normal_noise_like`
-    gives the same eps); keeps x and u = a + eps for the backward, which computes relu(E1(x)) again. x (and eps)
-    contiguous or channels-last, out and the gradient in x's layout; s (1, C, 1, 1)."""
+    (`noise`, in x's layout) or, for an int `noise`, drawn inside the kernel from that seed (`normal_noise_like`
+    gives the same eps). Keeps x and u = a + eps for the backward, which computes relu(E1(x)) again; with
+    `redraw` (and a seed) only x: the backward computes u again too. x contiguous or channels-last, out and the
+    gradient in x's layout; s (1, C, 1, 1)."""
 
     @staticmethod
-    def forward(ctx, x, noise: torch.Tensor | int, s, *weights_strength_clip) -> torch.Tensor:
+    def forward(ctx, x, noise: torch.Tensor | int, redraw: bool, s, *weights_strength_clip) -> torch.Tensor:
         *weights, strength, clip = weights_strength_clip  # w1_self, w1_mean, w2_self, w2_mean
         eps, seed = (None, noise) if isinstance(noise, int) else (noise, None)
-        out, u = cpu_kernels().perturb_forward(x, eps, seed, s.reshape(-1), *weights, *_NO_TABLE, strength, clip)
-        ctx.save_for_backward(x, u, s, *weights)
-        ctx.strength, ctx.clip = strength, clip
+        redraw = redraw and seed is not None
+        out, u = cpu_kernels().perturb_forward(
+            x, eps, seed, s.reshape(-1), *weights, *_NO_TABLE, strength, clip, not redraw
+        )
+        ctx.save_for_backward(x, s, *weights, *([] if redraw else [u]))
+        ctx.strength, ctx.clip, ctx.seed = strength, clip, seed if redraw else None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, u, s, *weights = ctx.saved_tensors
+        x, s, *weights = ctx.saved_tensors
+        u = weights.pop() if len(weights) == 5 else None
         grad = grad.contiguous(memory_format=layout(x))
         grad_x, grad_s, *grad_w = cpu_kernels().perturb_backward(
-            grad, x, u, s.reshape(-1), *weights, ctx.strength, ctx.clip
+            grad, x, u, ctx.seed, s.reshape(-1), *weights, ctx.strength, ctx.clip
         )
-        needs = ctx.needs_input_grad
-        grads = [grad_x, None, grad_s.view_as(s), *grad_w]
-        return *(g if need else None for g, need in zip(grads, needs, strict=False)), None, None
+        grads = [grad_x, None, None, grad_s.view_as(s), *grad_w]
+        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)), None, None
 
 
 def expected_perturbation(
@@ -108,7 +112,7 @@ def expected_perturbation(
     """φ's deterministic single pass, z = E[softplus(a + eps)] interpolated in `table` (start, rise, grid limit,
     grid step), without gradients."""
     with torch.profiler.record_function(EXPECTED_PERTURBATION):
-        out, _ = cpu_kernels().perturb_forward(x, None, None, s.reshape(-1), *weights, *table, strength, clip)
+        out, _ = cpu_kernels().perturb_forward(x, None, None, s.reshape(-1), *weights, *table, strength, clip, False)
     return out
 
 

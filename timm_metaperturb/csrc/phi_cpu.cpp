@@ -248,9 +248,38 @@ void stencil(const Padded& x, const float* w, float* y, bool flip, bool accumula
 }
 
 // grad_w[d] += scale * sum_p grad[p] . x[p + d] for one image, x padded: the stencil's gradient to its kernel.
+// For 3x3 kernels one pass keeps all nine sums in registers; other sizes take one pass per tap.
 void stencil_weight_grad(const float* grad, const Padded& x, float* grad_w, float scale) {
   const Geometry& g = x.g;
   const int64_t n = g.width * x.channels;
+  if (g.ksize == 3) {
+    double totals[9] = {0.0};  // per-row float sums added up in double: accurate on large maps too
+    const int64_t ch = x.channels;
+    for (int64_t i = 0; i < g.height; ++i) {
+      float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
+      const float* __restrict gi = grad + i * n;
+      const float* __restrict r0 = x.at(i, 0);
+      const float* __restrict r1 = x.at(i + 1, 0);
+      const float* __restrict r2 = x.at(i + 2, 0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
+      for (int64_t e = 0; e < n; ++e) {
+        const float v = gi[e];
+        s0 += v * r0[e];
+        s1 += v * r0[e + ch];
+        s2 += v * r0[e + 2 * ch];
+        s3 += v * r1[e];
+        s4 += v * r1[e + ch];
+        s5 += v * r1[e + 2 * ch];
+        s6 += v * r2[e];
+        s7 += v * r2[e + ch];
+        s8 += v * r2[e + 2 * ch];
+      }
+      const float sums[9] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
+      for (int d = 0; d < 9; ++d) totals[d] += sums[d];
+    }
+    for (int d = 0; d < 9; ++d) grad_w[d] += scale * static_cast<float>(totals[d]);
+    return;
+  }
   for (int64_t di = 0; di < g.ksize; ++di) {
     for (int64_t dj = 0; dj < g.ksize; ++dj) {
       float sum = 0.0f;
@@ -332,7 +361,7 @@ void modulate_sampled(int64_t pixels, int64_t C, const float* __restrict a, cons
     for (int64_t c = 0; c < C; ++c) {
       const int64_t n = p * C + c;
       const float un = a[n] + eps[n];
-      u[n] = un;
+      if (u) u[n] = un;
       const float v = ((s[c] * softplus(un) - 1.0f) * k + 1.0f) * x[n];
       out[n] = v > clip ? clip : v;
     }
@@ -380,17 +409,17 @@ const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
 
 // out = min(((s * z - 1) * k + 1) * x, clip) with z = softplus(E2(relu(E1(x))) + eps), eps given (`noise`) or
 // drawn from `seed` (see normal_noise), or, with neither, z = E[softplus(a + eps)] read off the table (start,
-// rise) of `expected_softplus`. Returns out and, when sampling, u = a + eps, which the backward needs.
+// rise) of `expected_softplus`. Returns out and, with `keep_u`, u = a + eps for the backward.
 std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>& noise, std::optional<int64_t> seed,
                                     const Tensor& s, const Tensor& w1_self, const Tensor& w1_mean,
                                     const Tensor& w2_self, const Tensor& w2_mean, const Tensor& table_start,
                                     const Tensor& table_rise, double grid_limit, double grid_step, double strength,
-                                    double clip) {
+                                    double clip, bool keep_u) {
   const Geometry g = geometry(x, w1_self);
   const bool sampled = noise.has_value() || seed.has_value();
   if (noise.has_value()) g.check(*noise, "eps");
   Tensor out = at::empty_like(x, g.layout());
-  Tensor u = sampled ? empty_map(x) : Tensor();  // read only by perturb_backward: always channels-last
+  Tensor u = sampled && keep_u ? empty_map(x) : Tensor();  // read only by perturb_backward: channels-last
   const float k = static_cast<float>(strength), limit = static_cast<float>(clip);
   const float inv_step = static_cast<float>(1.0 / grid_step), offset = static_cast<float>(grid_limit / grid_step);
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
@@ -404,7 +433,7 @@ std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>
         if (!noise.has_value()) normal_noise(static_cast<uint64_t>(*seed), b, t.eps.data(), g.image());
         const float* eps = noise.has_value() ? noise_images.read(b) : t.eps.data();
         modulate_sampled(g.pixels(), g.channels, t.a.data(), eps, xb, ptr(s), k, limit,
-                         u.data_ptr<float>() + b * g.image(), out_images.target(b));
+                         u.defined() ? u.data_ptr<float>() + b * g.image() : nullptr, out_images.target(b));
       } else {
         modulate_expected(g.pixels(), g.channels, t.a.data(), ptr(table_start), ptr(table_rise),
                           table_start.numel() - 1, inv_step, offset, xb, ptr(s), k, limit, out_images.target(b));
@@ -415,13 +444,15 @@ std::vector<Tensor> perturb_forward(const Tensor& x, const std::optional<Tensor>
   return {out, u};
 }
 
-// Gradients of the sampled perturb_forward to x, s (C) and the four kernels; relu(E1(x)) is computed again
-// rather than kept.
-std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u, const Tensor& s,
-                                     const Tensor& w1_self, const Tensor& w1_mean, const Tensor& w2_self,
-                                     const Tensor& w2_mean, double strength, double clip) {
+// Gradients of the sampled perturb_forward to x, s (C) and the four kernels. relu(E1(x)) is computed again
+// rather than kept, and so is u = a + eps where the forward kept nothing but its seed (`u` undefined).
+std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& u,
+                                     std::optional<int64_t> seed, const Tensor& s, const Tensor& w1_self,
+                                     const Tensor& w1_mean, const Tensor& w2_self, const Tensor& w2_mean,
+                                     double strength, double clip) {
   const Geometry g = geometry(x, w1_self);
   g.check(grad_out, "the gradient");
+  TORCH_CHECK(u.has_value() != seed.has_value(), "perturb_backward takes either u or the seed of eps");
   const int64_t taps = g.ksize * g.ksize;
   Tensor grad_x = at::empty_like(x, g.layout());
   Tensor grad_s = at::zeros({g.batch, g.channels}, x.options());
@@ -435,8 +466,14 @@ std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, co
       float* gxb = grad_x_images.target(b);
       float* gwb = grad_w.data_ptr<float>() + b * 4 * taps;
       hidden(xb, ptr(w1_self), ptr(w1_mean), t);
-      modulate_backward(g.pixels(), g.channels, grad_images.read(b), xb, ptr(u) + b * g.image(), ptr(s), k, limit,
-                        gxb, grad_s.data_ptr<float>() + b * g.channels, t.grad_u.data());
+      const float* ub = u.has_value() ? ptr(*u) + b * g.image() : t.a.data();
+      if (!u.has_value()) {  // u = E2(r) + eps again
+        equivariant(t.r, ptr(w2_self), ptr(w2_mean), t.a.data(), false, false, t.pixels.data());
+        normal_noise(static_cast<uint64_t>(*seed), b, t.eps.data(), g.image());
+        for (int64_t n = 0; n < g.image(); ++n) t.a[n] += t.eps[n];
+      }
+      modulate_backward(g.pixels(), g.channels, grad_images.read(b), xb, ub, ptr(s), k, limit, gxb,
+                        grad_s.data_ptr<float>() + b * g.channels, t.grad_u.data());
       equivariant_backward(t.grad_u.data(), t.r, ptr(w2_self), ptr(w2_mean), gwb + 2 * taps, gwb + 3 * taps,
                            t.grad_pre.data(), false, t);
       for (int64_t n = 0; n < g.image(); ++n) t.grad_pre[n] = t.hidden[n] > 0.0f ? t.grad_pre[n] : 0.0f;  // relu
