@@ -88,10 +88,11 @@ def build(name: str, size: int, variant: str) -> torch.nn.Module:
 
 
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One training step; the model is put in training mode by every call, as other candidates share it."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=5e-4)
-    model.train()
 
     def step() -> None:
+        model.train()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -100,11 +101,12 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def eval_fn(model: torch.nn.Module, x: torch.Tensor, passes: int = 1, noise: str | None = None):
-    """Eval forward(s); `noise` sets MetaPerturb's evaluation ("mean": deterministic, "sample": Monte-Carlo)."""
-    model.eval()
+    """Eval forward(s); `noise` sets MetaPerturb's evaluation ("mean": deterministic, "sample": Monte-Carlo). Like
+    the training step, every call sets the mode it needs."""
 
     @torch.no_grad()
     def forward() -> None:
+        model.eval()
         if noise is not None:
             set_eval_noise(model, noise)
         for _ in range(passes):

@@ -14,5 +14,6 @@ def test_profile_separates_plain_and_phi_steps():
         sampled, single_pass = "_SampledPerturbation", "aten::take"
     assert sampled not in plain
     assert sampled in phi_step  # the sampled noise path runs in training
+    assert "ScaleFeatures" in phi_step and "ScaleFeatures" not in phi_eval  # batch statistics only in training
     assert sampled not in phi_eval  # the single pass uses the noise's expectation instead
     assert single_pass in phi_eval and single_pass not in phi_step

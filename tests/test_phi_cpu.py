@@ -23,12 +23,15 @@ def strong_phi(kernel_size: int = 3, clip: float = 3.0) -> MetaPerturb:
 
 
 def graph_nodes(out: torch.Tensor) -> set[str]:
-    names, stack = set(), [out.grad_fn]
+    """The type names of every node of out's autograd graph."""
+    names, seen, stack = set(), set(), [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node is not None and type(node).__name__ not in names:
-            names.add(type(node).__name__)
-            stack.extend(next_fn for next_fn, _ in node.next_functions)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
     return names
 
 
