@@ -25,6 +25,7 @@ ENV_SWITCH = "TIMM_METAPERTURB_CPU_KERNELS"
 EXPECTED_PERTURBATION = "phi_cpu.expected_perturbation"  # the single pass's name in profiles
 
 logger = logging.getLogger(__name__)
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # the latter: torch < 2.3
 _loaded: dict[str, ModuleType | None] = {}
 
 
@@ -69,7 +70,7 @@ def layout(x: torch.Tensor) -> torch.memory_format:
 def usable(x: torch.Tensor) -> bool:
     """Whether φ can run on the fused kernels for the float32 map x: on a CPU, outside torch.compile (which
     traces torch operators), with the kernels built."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels() is not None
+    return x.device.type == "cpu" and not _is_compiling() and cpu_kernels() is not None
 
 
 _NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus table, unused when sampling
