@@ -1,9 +1,12 @@
-// φ's noise path and scale features as fused CPU kernels (see timm_metaperturb/phi_cpu.py).
+// φ's noise path, modulation and scale features, and their gradients, as fused CPU kernels (loaded by
+// timm_metaperturb/phi_cpu.py).
 //
-// Every feature map is a channels-last float32 (B, C, H, W) tensor, i.e. (B, H, W, C) in memory, so a pixel's
-// channels are contiguous and every inner loop runs over channels, where the compiler vectorises it. Work is
-// split over the images of the batch; each image passes through all its stages while it sits in cache, and the
-// per-image partial sums of the weight gradients are added up afterwards in a fixed order (deterministic).
+// Feature maps are float32 (B, C, H, W) tensors, contiguous or channels-last. The kernels compute channels-last,
+// (B, H, W, C) in memory, so that a row of pixels with all its channels is one contiguous span and the inner loops,
+// which run along it, vectorise; a contiguous map is transposed one image at a time in cache. Work is split over
+// the images of the batch, each image going through all its stages while it sits in cache, and the per-image
+// sums of the weight gradients are added up afterwards in a fixed order: results do not depend on the number of
+// threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
