@@ -21,7 +21,6 @@ from torch import nn
 
 from . import phi_cpu
 from .hub import PhiHubMixin
-from .phi_cpu import FusedPerturbation, FusedScaleFeatures
 
 
 def shared_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -348,7 +347,7 @@ class MetaPerturb(
         """f = GAP(relu(K * h)) of shape (B, C, h_dim): what the scale's statistics summarise."""
         kernels = self.scale_kernels.float()
         if self._fused(h):
-            return FusedScaleFeatures.apply(h.contiguous(memory_format=phi_cpu.layout(h)), kernels)
+            return phi_cpu.FusedScaleFeatures.apply(h.contiguous(memory_format=phi_cpu.layout(h)), kernels)
         return _ScaleFeatures.apply(_channels_last(h), kernels)
 
     def _fused(self, x: torch.Tensor) -> bool:
@@ -435,11 +434,12 @@ class MetaPerturb(
                 # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch
                 # operators too and again in the backward where `redraw`
                 seed = int(torch.randint(2**62, ()).item()) if noise is None else None
+                weights = self._noise_weights()
                 if fused:
                     eps = seed if noise is None else noise.float().contiguous(memory_format=phi_cpu.layout(x))
-                    out = FusedPerturbation.apply(x, eps, redraw, s, *self._noise_weights(), strength, self.clip)
+                    out = phi_cpu.FusedPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
                 else:
                     x = _channels_last(x)
                     eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)
-                    out = _SampledPerturbation.apply(x, eps, redraw, s, *self._noise_weights(), strength, self.clip)
+                    out = _SampledPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
         return _relayout(out, _layout(h)).to(h.dtype)

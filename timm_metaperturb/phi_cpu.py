@@ -3,7 +3,7 @@ passes over each image while it sits in cache, instead of a dozen separate opera
 
 Built with the machine's C++ compiler the first time φ runs on a CPU (about 40 s, then cached by
 torch.utils.cpp_extension). Where they cannot be built (no compiler), or with TIMM_METAPERTURB_CPU_KERNELS=0,
-φ runs on torch operators instead, with the same results.
+φ runs on torch operators instead: the same function, slower.
 """
 
 from __future__ import annotations
@@ -91,14 +91,13 @@ class FusedPerturbation(torch.autograd.Function):
         out, u = cpu_kernels().perturb_forward(
             x, eps, seed, s.reshape(-1), *weights, *_NO_TABLE, strength, clip, not redraw
         )
-        ctx.save_for_backward(x, s, *weights, *([] if redraw else [u]))
+        ctx.save_for_backward(x, s, u, *weights)  # u: None where redrawn
         ctx.strength, ctx.clip, ctx.seed = strength, clip, seed if redraw else None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, s, *weights = ctx.saved_tensors
-        u = weights.pop() if len(weights) == 5 else None
+        x, s, u, *weights = ctx.saved_tensors
         grad = grad.contiguous(memory_format=layout(x))
         grad_x, grad_s, *grad_w = cpu_kernels().perturb_backward(
             grad, x, u, ctx.seed, s.reshape(-1), *weights, ctx.strength, ctx.clip
