@@ -46,7 +46,7 @@ def cpu_kernels() -> ModuleType | None:
     if "kernels" not in _loaded:
         from torch.utils import cpp_extension
 
-        logger.info("building φ's CPU kernels (once per machine, about 40 s)")
+        logger.info("loading φ's fused CPU kernels (the first time on a machine this builds them, about 40 s)")
         try:
             _loaded["kernels"] = cpp_extension.load(
                 _build_name(), [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
