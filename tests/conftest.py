@@ -20,15 +20,20 @@ def official_phi(official_phi_path) -> MetaPerturb:
     return load_official_checkpoint(official_phi_path)
 
 
-@pytest.fixture
-def phi() -> MetaPerturb:
-    """A φ with parameters large enough that its noise and scales differ visibly between inputs."""
+def strong_phi(kernel_size: int = 3, clip: float = 100.0) -> MetaPerturb:
+    """φ with large random weights (seed 0), so that every term matters, its noise and scales differ visibly
+    between inputs, and with a low `clip` some outputs reach it."""
     torch.manual_seed(0)
-    phi = MetaPerturb()
+    phi = MetaPerturb(kernel_size=kernel_size, clip=clip)
     with torch.no_grad():
         for p in phi.parameters():
             p.normal_(std=0.5)
     return phi
+
+
+@pytest.fixture
+def phi() -> MetaPerturb:
+    return strong_phi()
 
 
 def small_cnn() -> torch.nn.Sequential:

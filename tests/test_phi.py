@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import strong_phi
 
 from timm_metaperturb import MetaPerturb, SiteStatistics, load_official_checkpoint
 from timm_metaperturb.phi import draw_noise
@@ -22,16 +23,6 @@ def phi_from_authors_state(state: dict) -> MetaPerturb:
             (phi.scale_fc.weight, "fc.weight"),
         ]:
             ours.copy_(state[theirs].view_as(ours))
-    return phi
-
-
-def strong_phi(clip: float = 100.0) -> MetaPerturb:
-    """φ with large random weights, so that every term matters (and some outputs reach `clip`)."""
-    torch.manual_seed(0)
-    phi = MetaPerturb(clip=clip)
-    with torch.no_grad():
-        for p in phi.parameters():
-            p.normal_(std=0.5)
     return phi
 
 

@@ -4,22 +4,16 @@
 
 import pytest
 import torch
+from conftest import strong_phi
 
-from timm_metaperturb import MetaPerturb, SiteStatistics, phi_cpu
+from benchmarks.overhead import saved_bytes
+from timm_metaperturb import SiteStatistics, phi_cpu
 from timm_metaperturb.phi_reference import reference_perturb
+
+CLIP = 3.0  # low enough that some outputs are clipped
 
 if phi_cpu.cpu_kernels() is None:
     pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)", allow_module_level=True)
-
-
-def strong_phi(kernel_size: int = 3, clip: float = 3.0) -> MetaPerturb:
-    """Large random weights, so that every term matters and some outputs reach `clip`."""
-    torch.manual_seed(0)
-    phi = MetaPerturb(kernel_size=kernel_size, clip=clip)
-    with torch.no_grad():
-        for p in phi.parameters():
-            p.normal_(std=0.5)
-    return phi
 
 
 def graph_nodes(out: torch.Tensor) -> set[str]:
@@ -37,9 +31,9 @@ def graph_nodes(out: torch.Tensor) -> set[str]:
 
 def test_fused_kernels_run_by_default_on_cpu():
     h = torch.randn(4, 6, 8, 8, requires_grad=True)
-    nodes = graph_nodes(strong_phi()(h, SiteStatistics(6, 4).train()))
+    nodes = graph_nodes(strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train()))
     assert {"FusedPerturbationBackward", "FusedScaleFeaturesBackward"} <= nodes
-    phi = strong_phi()
+    phi = strong_phi(clip=CLIP)
     phi.fused_cpu = False
     assert "FusedPerturbationBackward" not in graph_nodes(phi(h, SiteStatistics(6, 4).train()))
 
@@ -50,7 +44,7 @@ def test_fused_kernels_run_by_default_on_cpu():
 def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape):
     """Against the formulas with autograd, at strength 0.6 with some outputs clipped: output, running statistics,
     gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too."""
-    phi = strong_phi(kernel_size)
+    phi = strong_phi(kernel_size, CLIP)
     h = (torch.randn(shape) * 2).contiguous(memory_format=layout).requires_grad_()
     eps, grad_out = torch.randn(shape), torch.randn(shape)
     stats = SiteStatistics(shape[1], 4).train()
@@ -67,7 +61,7 @@ def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_fused_single_pass_equals_torch_operators(layout):
     """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics."""
-    fused, plain = strong_phi().eval(), strong_phi().eval()
+    fused, plain = strong_phi(clip=CLIP).eval(), strong_phi(clip=CLIP).eval()
     plain.fused_cpu = False
     for phi in (fused, plain):
         phi.eval_noise = "mean"
@@ -85,7 +79,7 @@ def test_fused_single_pass_equals_torch_operators(layout):
 def test_drawn_noise_is_the_generators_and_gradients_follow_it():
     """With eps drawn inside the kernel from a seed taken from torch's generator, φ computes the formulas with
     the eps that `normal_noise_like` gives for that seed."""
-    phi = strong_phi()
+    phi = strong_phi(clip=CLIP)
     h = torch.randn(4, 6, 9, 9, requires_grad=True)
     torch.manual_seed(11)
     out = phi(h, SiteStatistics(6, 4).train(), strength=0.7)
@@ -100,26 +94,13 @@ def test_drawn_noise_is_the_generators_and_gradients_follow_it():
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
 
 
-def saved_bytes(fn) -> int:
-    """Bytes that autograd keeps from fn() for the backward (distinct storages)."""
-    storages = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
-
-
 def test_redrawn_noise_gives_the_same_gradients_from_less_memory():
     """With `redraw_noise` the backward computes u = a + eps again from eps's seed instead of keeping it: the same
     gradients, bit for bit, and a feature map less kept per site."""
     h = torch.randn(8, 16, 12, 12, requires_grad=True)
     results = {}
     for redraw in (False, True):
-        phi = strong_phi()
+        phi = strong_phi(clip=CLIP)
         phi.redraw_noise = redraw
         torch.manual_seed(2)
         out, kept = saved_bytes(lambda phi=phi: phi(h, SiteStatistics(16, 4).train()))
@@ -169,7 +150,7 @@ def test_same_seed_gives_identical_results_whatever_the_thread_count():
         for count in (2, 2, 1):
             torch.set_num_threads(count)
             torch.manual_seed(3)
-            phi = strong_phi()
+            phi = strong_phi(clip=CLIP)
             out = phi(h, SiteStatistics(16, 4).train())
             results.append((out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()])))
     finally:
@@ -180,11 +161,11 @@ def test_same_seed_gives_identical_results_whatever_the_thread_count():
 
 def test_disabled_or_unbuildable_kernels_fall_back_to_torch_operators(monkeypatch):
     h, eps = torch.randn(4, 6, 8, 8), torch.randn(4, 6, 8, 8)
-    expected = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+    expected = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
 
     monkeypatch.setenv(phi_cpu.ENV_SWITCH, "0")
     assert not phi_cpu.usable(h)
-    out = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+    out = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
     assert "FusedPerturbationBackward" not in graph_nodes(out)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -196,5 +177,5 @@ def test_disabled_or_unbuildable_kernels_fall_back_to_torch_operators(monkeypatc
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
-        out = strong_phi()(h, SiteStatistics(6, 4).train(), noise=eps)
+        out = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -211,10 +211,6 @@ def expected_softplus(a: torch.Tensor) -> torch.Tensor:
     return torch.take(start, index).addcmul_(position - index, torch.take(rise, index))
 
 
-def _any_requires_grad(*tensors: torch.Tensor) -> bool:
-    return any(t.requires_grad for t in tensors)
-
-
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """Depthwise convolutions run fastest on channels-last maps (oneDNN on CPU, cuDNN on GPU)."""
     return _relayout(x, torch.channels_last)
@@ -420,7 +416,7 @@ class MetaPerturb(
             if "noise" not in self.components:
                 out = _modulate(x, x.new_ones(()).expand_as(x), s, strength, self.clip, in_place=False)
             elif not self.training and self.eval_noise == "mean":
-                needs_grad = torch.is_grad_enabled() and _any_requires_grad(x, s, *self.parameters())
+                needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, s, *self.parameters()))
                 if fused and not needs_grad:  # the fused single pass has no backward
                     table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
                     out = phi_cpu.expected_perturbation(x, s, self._noise_weights(), table, strength, self.clip)
@@ -438,8 +434,7 @@ class MetaPerturb(
                 if fused:
                     eps = seed if noise is None else noise.float().contiguous(memory_format=phi_cpu.layout(x))
                     out = phi_cpu.FusedPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
-                else:
-                    x = _channels_last(x)
+                else:  # x is channels-last already
                     eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)
                     out = _SampledPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
         return _relayout(out, _layout(h)).to(h.dtype)
