@@ -37,26 +37,15 @@ from timm_metaperturb.sites import SiteModule, attach
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
 PROFILES = Path(__file__).with_name("profiles")  # --profile's tables, one file per device kind
-# the project's φ: on its fused CPU kernels (the CPU default; eps drawn again in the backward), or on torch
-# operators with eps kept for the backward or drawn again there from its seed (the GPU default)
+# the project's φ: on its fused kernels (C++ on a CPU, Triton on CUDA; the default, eps drawn again in the
+# backward), or on torch operators with eps kept for the backward or drawn again there from its seed
 VARIANTS = {
-    "fused": {"fused_cpu": True, "redraw_noise": None},
-    "kept": {"fused_cpu": False, "redraw_noise": False},
-    "redrawn": {"fused_cpu": False, "redraw_noise": True},
+    "fused": {"fused_kernels": True, "redraw_noise": None},
+    "kept": {"fused_kernels": False, "redraw_noise": False},
+    "redrawn": {"fused_kernels": False, "redraw_noise": True},
 }
-
-
-def variants(device: str) -> list[str]:
-    return list(VARIANTS) if device == "cpu" else ["kept", "redrawn"]
-
-
-def eval_variants(device: str) -> list[str]:
-    """The variants whose single pass differs: eps kept or redrawn is the same computation at eval."""
-    return [v for v in variants(device) if v != "redrawn"]
-
-
-def default_variant(device: str) -> str:
-    return "fused" if device == "cpu" else "redrawn"
+EVAL_VARIANTS = ["fused", "kept"]  # the variants whose single pass differs (eps kept or redrawn: the same at eval)
+DEFAULT_VARIANT = "fused"
 
 
 class ReferencePerturbation(SiteModule):
@@ -103,6 +92,36 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
         optimizer.step()
 
     return step
+
+
+class GraphedTrainStep:
+    """One training step captured whole in a CUDA graph (forward, backward, Adam with capturable state) and
+    replayed: no host work per kernel is left, only the GPU's. φ draws its seed on the GPU, so each replay
+    samples new noise. Holds the model and the optimizer: the graph reads and writes their memory."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.x, self.y = model.train(), x, y
+        self.optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=5e-4, capturable=True
+        )
+        self.step()  # warm-up: kernels compiled, gradients and optimizer state allocated
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # and on a side stream, as capture asks
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def eval_fn(model: torch.nn.Module, x: torch.Tensor, passes: int = 1, noise: str | None = None):
@@ -195,7 +214,7 @@ def profile(
     y = torch.randint(0, 10, (batch_size,), device=device)
     cuda = device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    phi_default = default_variant(device)
+    phi_default = DEFAULT_VARIANT
     models = {v: build(name, size, v).to(device) for v in ("plain", phi_default)}
     fns = {
         "plain step": train_step_fn(models["plain"], x, y),
@@ -229,6 +248,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
     parser.add_argument("--profile", action="store_true", help="profile resnet20 at 32x32 instead of the table")
     parser.add_argument("--compile", action="store_true", help="add the eval forwards under torch.compile")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="add the training step captured in a CUDA graph (plain, fused φ)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -239,13 +261,16 @@ def main(argv: list[str] | None = None) -> str:
         print(text)
         return text
     repeats = 3 if args.quick else args.repeats
-    phis, singles, default = variants(args.device), eval_variants(args.device), default_variant(args.device)
+    phis, singles, default = list(VARIANTS), EVAL_VARIANTS, DEFAULT_VARIANT
+    graphed = ("plain", default) if args.cuda_graph else ()
     rows = []
     for name, size in CONFIGS:
         x = torch.randn(args.batch_size, 3, size, size, device=args.device)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
         models = {v: build(name, size, v).to(args.device) for v in ("plain", *phis, "reference")}
-        train = median_times({v: train_step_fn(m, x, y) for v, m in models.items()}, repeats, device=args.device)
+        steps = {v: train_step_fn(m, x, y) for v, m in models.items()}
+        steps.update({f"{v} graphed": GraphedTrainStep(build(name, size, v).to(args.device), x, y) for v in graphed})
+        train = median_times(steps, repeats, device=args.device)
         evals = {"plain": eval_fn(models["plain"], x)}
         evals.update({f"single pass {v}": eval_fn(models[v], x, noise="mean") for v in singles})
         evals[f"MC-{args.mc_passes}"] = eval_fn(models[default], x, args.mc_passes, noise="sample")
@@ -258,11 +283,13 @@ def main(argv: list[str] | None = None) -> str:
 
     mc = f"MC-{args.mc_passes}"
     compiled = " plain eval compiled (s) | single pass compiled (x plain compiled) |" if args.compile else ""
+    graph = " plain step in a CUDA graph (s) | fused φ step in a CUDA graph (x plain graphed) |" if graphed else ""
     names = " / ".join(phis)
     lines = [
         f"| network | input | plain step (s) | project φ: {names} | reference φ | plain eval (s) | single pass: "
-        f"{' / '.join(singles)} | {mc} |{compiled} memory kept for backward, project {names} / reference (x plain) |",
-        "|" + " --- |" * (11 if args.compile else 9),
+        f"{' / '.join(singles)} | {mc} |{compiled}{graph} memory kept for backward, project {names} / reference "
+        "(x plain) |",
+        "|" + " --- |" * (9 + 2 * bool(args.compile) + 2 * bool(graphed)),
     ]
     for name, size, train, evaluation, memory in rows:
         step = " / ".join(f"{train[v] / train['plain']:.2f}x" for v in phis)
@@ -273,6 +300,9 @@ def main(argv: list[str] | None = None) -> str:
         if args.compile:
             plain_compiled = evaluation[COMPILED_PLAIN]
             cells = f" {plain_compiled:.3f} | {evaluation[COMPILED_PHI] / plain_compiled:.2f}x |"
+        if graphed:
+            plain_graphed = train["plain graphed"]
+            cells += f" {plain_graphed:.4f} | {train[f'{default} graphed'] / plain_graphed:.2f}x |"
         lines.append(
             f"| {name} | {size}x{size} | {train['plain']:.3f} | {step} | {train['reference'] / train['plain']:.2f}x | "
             f"{evaluation['plain']:.3f} | {single} | {ratio[mc]:.2f}x |{cells} {mem} |"
@@ -282,14 +312,20 @@ def main(argv: list[str] | None = None) -> str:
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
         f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
-        "backward, Adam. Project φ: fused = its fused CPU kernels (`phi_cpu.py`, the CPU default, eps drawn again "
-        "in the backward), kept / redrawn = on torch operators with eps kept for the backward / drawn again there "
-        "from its seed (the GPU default). "
+        "backward, Adam. Project φ: fused = its fused kernels (the default: C++ on a CPU, `phi_cpu.py`; Triton on "
+        "CUDA, `phi_cuda.py`; eps drawn again in the backward), kept / redrawn = on torch operators with eps kept "
+        "for the backward / drawn again there from its seed. "
         "Eval: one deterministic pass (noise replaced by its expectation) and "
         f"{mc} ({args.mc_passes} sampled passes, the reference's way, with φ's default for the device)"
         + (
             "; compiled: `torch.compile(model, fullgraph=True)`, default inductor backend, checked against eager"
             if args.compile
+            else ""
+        )
+        + (
+            "; CUDA graph: the whole training step (forward, backward, Adam with capturable state) captured once "
+            "and replayed, which leaves the GPU's work without the host's launches"
+            if graphed
             else ""
         )
         + ".\n\n"

@@ -1,7 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # φ's Triton kernels run in Triton's interpreter on the CPU (test_phi_fused.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is imported, which the next line does
 
 from timm_metaperturb import MetaPerturb, load_official_checkpoint
 

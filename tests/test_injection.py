@@ -129,7 +129,7 @@ def test_single_pass_eval_compiles_to_one_graph(phi):
     fails on one), and the graph computes what eager does, φ included. Eager runs φ on torch operators too, as
     the graph does: the fused CPU kernels round differently, which this large φ amplifies through 9 sites."""
     torch._dynamo.reset()
-    phi.fused_cpu = False
+    phi.fused_kernels = False
     model = inject_metaperturb(timm.create_model("resnet20"), phi).eval()
     set_eval_noise(model, "mean")
     x = torch.randn(4, 3, 32, 32)

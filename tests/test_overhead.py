@@ -1,15 +1,15 @@
 """The overhead benchmark's profile: it must show φ's own operators in φ's step and only there."""
 
 from benchmarks.overhead import profile
-from timm_metaperturb import phi_cpu
+from timm_metaperturb import phi_fused
 
 
 def test_profile_separates_plain_and_phi_steps():
     text = profile("cpu", batch_size=4, steps=1)
     plain, phi_step, phi_eval = text.split("### ")[1:]
     assert plain.startswith("plain step") and phi_step.startswith("φ step (")
-    if phi_cpu.cpu_kernels() is not None:  # φ on its fused CPU kernels
-        sampled, single_pass = "FusedPerturbation", phi_cpu.EXPECTED_PERTURBATION
+    if phi_fused.cpu_kernels() is not None:  # φ on its fused CPU kernels
+        sampled, single_pass = "FusedPerturbation", phi_fused.EXPECTED_PERTURBATION
     else:  # on torch operators
         sampled, single_pass = "_SampledPerturbation", "aten::take"
     assert sampled not in plain

@@ -76,7 +76,7 @@ def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, noise
     fused CPU kernels: test_phi_cpu.py.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact float32 convolutions on a GPU
     phi = strong_phi(clip=3.0).to(device)
-    phi.fused_cpu = False
+    phi.fused_kernels = False
     phi.redraw_noise = noise == "drawn, redrawn"
     h = (torch.randn(6, 5, 9, 9, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
     eps, grad_out = torch.randn(6, 5, 9, 9, device=device), torch.randn(6, 5, 9, 9, device=device)

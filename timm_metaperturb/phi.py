@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import phi_cpu
+from . import phi_fused
 from .hub import PhiHubMixin
 
 
@@ -290,10 +290,11 @@ class MetaPerturb(
         self.provenance: dict = {}  # how this φ was made: source data, network, steps, command, results
         self.eval_noise = "sample"  # at eval: "sample" eps (the reference) or use its expectation ("mean")
         # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: where
-        # drawing is cheap (the fused CPU kernels, accelerators), not with torch operators on a CPU
+        # drawing is cheap (the fused kernels, accelerators), not with torch operators on a CPU
         self.redraw_noise: bool | None = None
-        # on a CPU: run on the fused kernels of phi_cpu.py where they can be built (False: torch operators)
-        self.fused_cpu = True
+        # run on the fused kernels of phi_fused.py (C++ on a CPU, Triton on CUDA) where they load (False: torch
+        # operators)
+        self.fused_kernels = True
         self.components = COMPONENTS
         self.noise1 = EquivariantConv2d(kernel_size)
         self.noise2 = EquivariantConv2d(kernel_size)
@@ -343,20 +344,21 @@ class MetaPerturb(
         """f = GAP(relu(K * h)) of shape (B, C, h_dim): what the scale's statistics summarise."""
         kernels = self.scale_kernels.float()
         if self._fused(h):
-            return phi_cpu.FusedScaleFeatures.apply(h.contiguous(memory_format=phi_cpu.layout(h)), kernels)
+            return phi_fused.FusedScaleFeatures.apply(h.contiguous(memory_format=phi_fused.layout(h)), kernels)
         return _ScaleFeatures.apply(_channels_last(h), kernels)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        return self.fused_cpu and phi_cpu.usable(x)
+        return self.fused_kernels and phi_fused.usable(x)
 
     def _noise_weights(self) -> list[torch.Tensor]:
         return [w.float() for layer in (self.noise1, self.noise2) for w in (layer.weight_self, layer.weight_mean)]
 
     def scale(self, mean: torch.Tensor, var: torch.Tensor, height: int) -> torch.Tensor:
         """s in [0, 1]^C from the (C, h_dim) statistics, the channel count and the feature map height."""
-        channels = mean.shape[0]
-        sizes = mean.new_tensor([channels / self.channel_norm, height / self.spatial_norm]).expand(channels, 2)
-        return torch.sigmoid(F.linear(torch.cat([mean, var, sizes], 1), self.scale_fc.weight.float())).squeeze(1)
+        weight = self.scale_fc.weight.float()[0]
+        # the two size inputs as python numbers (no host-to-device copy, so a CUDA graph can capture φ)
+        sizes = weight[-2] * (mean.shape[0] / self.channel_norm) + weight[-1] * (height / self.spatial_norm)
+        return torch.sigmoid(F.linear(torch.cat([mean, var], 1), weight[None, :-2]).squeeze(1) + sizes)
 
     def channel_statistics(
         self, h: torch.Tensor, stats: SiteStatistics | None, site: str = "φ"
@@ -379,14 +381,21 @@ class MetaPerturb(
         f = self.scale_features(h)
         mean, var = f.mean(0), f.var(0, unbiased=True)
         if stats is not None:
-            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            # a CUDA graph being captured cannot read `finite` on the host: the update is skipped on the device
+            capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and not finite:
                 raise FloatingPointError(
                     f"MetaPerturb at site '{site}' received non-finite features (NaN or inf) in training; its "
                     "running statistics were left unchanged. Check the input data and the learning rate."
                 )
             with torch.no_grad():
-                stats.running_mean.lerp_(mean.detach().to(stats.running_mean.dtype), self.momentum)
-                stats.running_var.lerp_(var.detach().to(stats.running_var.dtype), self.momentum)
+                for running, batch in ((stats.running_mean, mean), (stats.running_var, var)):
+                    batch = batch.detach().to(running.dtype)
+                    if capturing:
+                        running.copy_(torch.where(finite, running.lerp(batch, self.momentum), running))
+                    else:
+                        running.lerp_(batch, self.momentum)
         return mean, var
 
     def forward(
@@ -406,8 +415,8 @@ class MetaPerturb(
             raise ValueError(f"MetaPerturb at site '{site}' needs a 4-D (B, C, H, W) feature map, got {tuple(h.shape)}")
         with torch.autocast(device_type=h.device.type, enabled=False):
             x = h.float()
-            fused = self._fused(x)  # the fused CPU kernels read either layout; torch operators run channels-last
-            x = x.contiguous(memory_format=phi_cpu.layout(x)) if fused else _channels_last(x)
+            fused = self._fused(x)  # the fused kernels read either layout; torch operators run channels-last
+            x = x.contiguous(memory_format=phi_fused.layout(x)) if fused else _channels_last(x)
             if "scale" in self.components:
                 mean, var = self.channel_statistics(x, stats, site)
                 s = self.scale(mean, var, x.shape[-2]).view(1, -1, 1, 1)
@@ -419,7 +428,7 @@ class MetaPerturb(
                 needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, s, *self.parameters()))
                 if fused and not needs_grad:  # the fused single pass has no backward
                     table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
-                    out = phi_cpu.expected_perturbation(x, s, self._noise_weights(), table, strength, self.clip)
+                    out = phi_fused.expected_perturbation(x, s, self._noise_weights(), table, strength, self.clip)
                 else:
                     x = _channels_last(x)
                     z = expected_softplus(self.noise_logits(x))
@@ -429,11 +438,11 @@ class MetaPerturb(
                 redraw = noise is None and (cheap_draw if self.redraw_noise is None else self.redraw_noise)
                 # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch
                 # operators too and again in the backward where `redraw`
-                seed = int(torch.randint(2**62, ()).item()) if noise is None else None
+                seed = phi_fused.draw_seed(x, fused) if noise is None else None
                 weights = self._noise_weights()
                 if fused:
-                    eps = seed if noise is None else noise.float().contiguous(memory_format=phi_cpu.layout(x))
-                    out = phi_cpu.FusedPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
+                    eps = seed if noise is None else noise.float().contiguous(memory_format=phi_fused.layout(x))
+                    out = phi_fused.FusedPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
                 else:  # x is channels-last already
                     eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)
                     out = _SampledPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)

@@ -1,0 +1,240 @@
+"""φ's fused kernels (`phi_fused.py`), C++ on a CPU and Triton on CUDA: used by default, the same function as
+the torch operators (forward, gradients, running statistics, the single-pass evaluation), deterministic, and a
+fallback that keeps φ working where they cannot run. Without a GPU the Triton kernels run in Triton's
+interpreter on the CPU (TRITON_INTERPRET=1), standing in for the C++ ones."""
+
+import sys
+
+import pytest
+import torch
+from conftest import strong_phi
+
+import timm_metaperturb
+from benchmarks.overhead import saved_bytes
+from timm_metaperturb import SiteStatistics, phi_cpu, phi_fused
+from timm_metaperturb.phi_reference import reference_perturb
+
+CLIP = 3.0  # low enough that some outputs are clipped
+
+
+def interpreted_triton_kernels():
+    """phi_cuda.py's kernels, which run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+    where there is no GPU)."""
+    pytest.importorskip("triton")
+    from timm_metaperturb import phi_cuda
+
+    return phi_cuda
+
+
+@pytest.fixture(params=["c++", "triton"])
+def device(request, monkeypatch) -> str:
+    """Where φ runs on which fused kernels: the C++ ones on the CPU; the Triton ones on CUDA where there is a GPU,
+    else interpreted on the CPU in the C++ kernels' place."""
+    if request.param == "c++":
+        if phi_cpu.cpu_kernels() is None:
+            pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+        return "cpu"
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference's exact convolutions
+        return "cuda"
+    monkeypatch.setattr(phi_fused, "cpu_kernels", interpreted_triton_kernels)
+    return "cpu"
+
+
+def graph_nodes(out: torch.Tensor) -> set[str]:
+    """The type names of every node of out's autograd graph (a walk over all paths: the Python objects autograd
+    hands out for its nodes are new at each access, so their ids cannot mark a node as seen)."""
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_fused_kernels_run_by_default(device):
+    h = torch.randn(4, 6, 8, 8, device=device, requires_grad=True)
+    nodes = graph_nodes(strong_phi(clip=CLIP).to(device)(h, SiteStatistics(6, 4).to(device).train()))
+    assert {"FusedPerturbationBackward", "FusedScaleFeaturesBackward"} <= nodes
+    phi = strong_phi(clip=CLIP).to(device)
+    phi.fused_kernels = False
+    assert "FusedPerturbationBackward" not in graph_nodes(phi(h, SiteStatistics(6, 4).to(device).train()))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("shape", [(6, 5, 9, 11), (3, 1, 1, 1), (2, 33, 4, 3)])
+def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape, device):
+    """Against the formulas with autograd, at strength 0.6 with some outputs clipped: output, running statistics,
+    gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too."""
+    phi = strong_phi(kernel_size, CLIP).to(device)
+    h = (torch.randn(shape, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
+    eps, grad_out = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    stats = SiteStatistics(shape[1], 4).to(device).train()
+    out = phi(h, stats, strength=0.6, noise=eps)
+    expected, (mean, _) = reference_perturb(phi, h, eps, strength=0.6)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    inputs = [h, *phi.parameters()]
+    for fused, ref in zip(*(torch.autograd.grad(y, inputs, grad_out) for y in (out, expected)), strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_single_pass_equals_torch_operators(layout, device):
+    """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics."""
+    fused, plain = strong_phi(clip=CLIP).to(device).eval(), strong_phi(clip=CLIP).to(device).eval()
+    plain.fused_kernels = False
+    for phi in (fused, plain):
+        phi.eval_noise = "mean"
+    stats = SiteStatistics(7, 4).to(device).eval()
+    stats.running_mean.uniform_(0, 1)
+    h = (torch.randn(5, 7, 10, 10, device=device) * 3).contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = fused(h, stats, strength=0.8)
+        assert out.grad_fn is None and out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, plain(h, stats, strength=0.8), rtol=1e-5, atol=1e-5)
+    # with gradients wanted, the single pass runs on torch operators, which have a backward
+    assert fused(h.requires_grad_(), stats).requires_grad
+
+
+def test_drawn_noise_is_the_generators_and_gradients_follow_it(device):
+    """With eps drawn inside the kernel from a seed taken from torch's generator, φ computes the formulas with
+    the eps that `normal_noise_like` gives for that seed."""
+    phi = strong_phi(clip=CLIP).to(device)
+    h = torch.randn(4, 6, 9, 9, device=device, requires_grad=True)
+    torch.manual_seed(11)
+    out = phi(h, SiteStatistics(6, 4).to(device).train(), strength=0.7)
+    torch.manual_seed(11)
+    like = h.detach().contiguous(memory_format=torch.channels_last)
+    eps = phi_fused.normal_noise_like(like, phi_fused.draw_seed(h, fused=True))
+    expected, _ = reference_perturb(phi, h, eps, strength=0.7)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    inputs = [h, *phi.parameters()]
+    for fused, ref in zip(*(torch.autograd.grad(y.square().sum(), inputs) for y in (out, expected)), strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+
+
+def test_redrawn_noise_gives_the_same_gradients_from_less_memory(device):
+    """With `redraw_noise` the backward computes u = a + eps again from eps's seed instead of keeping it: the same
+    gradients, bit for bit, and a feature map less kept per site."""
+    h = torch.randn(8, 16, 12, 12, device=device, requires_grad=True)
+    results = {}
+    for redraw in (False, True):
+        phi = strong_phi(clip=CLIP).to(device)
+        phi.redraw_noise = redraw
+        torch.manual_seed(2)
+        out, kept = saved_bytes(lambda phi=phi: phi(h, SiteStatistics(16, 4).to(device).train()))
+        results[redraw] = (kept, out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()]))
+    (kept_u, *values_kept), (kept_seed, *values_redrawn) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(values_kept, values_redrawn, strict=True))
+    assert kept_u - kept_seed == h.numel() * 4  # u: one float32 map
+
+
+def test_kernel_noise_is_standard_normal_and_independent(device):
+    """The counter-based generators: N(0, 1) quantiles, no correlation between neighbours in any direction
+    (channels, pixels, images, the two halves of a Box-Muller pair on the CPU), a new stream per seed."""
+    like = torch.empty(64, 17, 31, 31, device=device).contiguous(memory_format=torch.channels_last)  # odd sizes
+    eps = phi_fused.normal_noise_like(like, 5)
+    assert eps.shape == like.shape and eps.is_contiguous(memory_format=torch.channels_last)
+    values = eps.flatten().sort().values.cpu()
+    probabilities = (torch.arange(len(values), dtype=torch.float64) + 0.5) / len(values)
+    quantiles = torch.special.ndtri(probabilities).float()
+    central = (probabilities > 0.001) & (probabilities < 0.999)
+    assert (values - quantiles)[central].abs().max() < 0.02
+    assert values[0] < -4 and values[-1] > 4  # tails reach 4 standard deviations (1.1M draws)
+    flat = eps.permute(0, 2, 3, 1).reshape(64, -1)  # memory order: the generator's counter order per image
+    half = flat.shape[1] // 2
+    for a, b in [
+        (eps[:, 1:], eps[:, :-1]),
+        (eps[..., 1:], eps[..., :-1]),
+        (eps[1:], eps[:-1]),
+        (flat[:, :half], flat[:, half : 2 * half]),
+    ]:
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs() < 0.01
+    assert not torch.equal(eps, phi_fused.normal_noise_like(like, 6))
+    assert torch.equal(eps, phi_fused.normal_noise_like(like, 5))
+
+
+def test_same_seed_gives_identical_results_whatever_the_thread_count(device):
+    """Every image runs on one thread and the per-image sums are added up in a fixed order (on CUDA: one program
+    per tile, partial sums added without atomics): φ's output and gradients are the same bit for bit, run again
+    and, on the CPU, with 1 or 2 threads."""
+    h = torch.randn(8, 16, 12, 12, device=device, requires_grad=True)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (2, 2, 1):
+            torch.set_num_threads(count)
+            torch.manual_seed(3)
+            phi = strong_phi(clip=CLIP).to(device)
+            out = phi(h, SiteStatistics(16, 4).to(device).train())
+            results.append((out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()])))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_torch_operators(monkeypatch):
+    h, eps = torch.randn(4, 6, 8, 8), torch.randn(4, 6, 8, 8)
+    expected = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
+
+    monkeypatch.setenv(phi_cpu.ENV_SWITCH, "0")
+    assert not phi_fused.usable(h)
+    out = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
+    assert "FusedPerturbationBackward" not in graph_nodes(out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.delenv(phi_cpu.ENV_SWITCH)
+    monkeypatch.setattr(phi_cpu, "_loaded", {})
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        out = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_kernels_switched_off_or_without_triton_leave_torch_operators(monkeypatch):
+    """On CUDA, φ runs on torch operators where the Triton kernels are switched off, or warns once and does so
+    where Triton cannot be imported."""
+    monkeypatch.setattr(phi_fused, "_cuda", {})
+    monkeypatch.setenv(phi_fused.CUDA_SWITCH, "0")
+    assert phi_fused.cuda_kernels() is None
+    monkeypatch.delenv(phi_fused.CUDA_SWITCH)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    monkeypatch.delitem(sys.modules, "timm_metaperturb.phi_cuda", raising=False)
+    monkeypatch.delattr(timm_metaperturb, "phi_cuda", raising=False)
+    with pytest.warns(UserWarning, match="need Triton"):
+        assert phi_fused.cuda_kernels() is None
+    assert phi_fused.cuda_kernels() is None  # once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_cuda_graph_replays_draw_new_noise_and_keep_statistics_finite():
+    """φ on CUDA captured in a CUDA graph: each replay draws new eps (the seed is drawn on the GPU), updates the
+    running statistics, and a batch with NaNs, whose error a graph cannot raise, leaves them unchanged."""
+    phi, stats = strong_phi(clip=CLIP).cuda(), SiteStatistics(6, 4).cuda().train()
+    h = torch.randn(4, 6, 8, 8, device="cuda")
+    phi(h, stats), phi(h, stats)  # warm-up: the kernels compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = phi(h, stats)
+    outputs = []
+    for _ in range(2):
+        graph.replay()
+        outputs.append(out.clone())
+    assert not torch.equal(*outputs)
+    before = stats.running_mean.clone()
+    graph.replay()
+    assert not torch.equal(stats.running_mean, before)
+    h[0, 0, 0, 0] = float("nan")
+    before = stats.running_mean.clone(), stats.running_var.clone()
+    graph.replay()
+    assert torch.equal(stats.running_mean, before[0]) and torch.equal(stats.running_var, before[1])
+    with pytest.raises(FloatingPointError, match="non-finite"):  # outside a graph, the error
+        phi(h, stats)
