@@ -15,6 +15,9 @@ machine without a GPU).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -313,6 +316,18 @@ def _scale_features_backward_kernel(grad_f_ptr, active_ptr, kernels_ptr, grad_x_
 # -- the entry points, with the C++ kernels' signatures ------------------------------------------------------------
 
 
+def _on_tensors_device(entry_point):
+    """Launch on the GPU of the entry point's first tensor: Triton launches on the current device, which need not
+    be the one the tensors are on (a model moved to cuda:1 in a process whose current device is cuda:0)."""
+
+    @functools.wraps(entry_point)
+    def launch(first: torch.Tensor, *args):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return entry_point(first, *args)
+
+    return launch
+
+
 def _geometry(x: torch.Tensor, kernel_size: int) -> dict:
     """Launch grid, tile sizes and strides for a (B, C, H, W) map in either layout."""
     batch, channels, height, width = x.shape
@@ -342,6 +357,7 @@ def _hidden(x: torch.Tensor, w_self: torch.Tensor, w_mean: torch.Tensor, g: dict
     return mean_x, r, mean_r
 
 
+@_on_tensors_device
 def perturb_forward(x, eps, seed, s, w1_self, w1_mean, w2_self, w2_mean, start, rise, grid_limit, grid_step,
                     strength, clip, keep_u):  # fmt: skip
     """(out, u): φ's noise path and modulation, eps given, drawn from `seed`, or (neither) replaced by its
@@ -360,6 +376,7 @@ def perturb_forward(x, eps, seed, s, w1_self, w1_mean, w2_self, w2_mean, start, 
     return out, u
 
 
+@_on_tensors_device
 def perturb_backward(grad, x, u, seed, s, w1_self, w1_mean, w2_self, w2_mean, strength, clip):  # fmt: skip
     """[grad_x, grad_s, and the gradients to w1_self, w1_mean, w2_self, w2_mean], from u kept or drawn again."""
     g = _geometry(x, w1_self.shape[-1])
@@ -387,6 +404,7 @@ def perturb_backward(grad, x, u, seed, s, w1_self, w1_mean, w2_self, w2_mean, st
     return [grad_x, grad_s_part.sum(0), *grad_w.unbind(0)]
 
 
+@_on_tensors_device
 def scale_features_forward(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """f = GAP(relu(K * x)), (B, C, h_dim)."""
     g = _geometry(x, kernels.shape[-1])
@@ -396,6 +414,7 @@ def scale_features_forward(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
     return part.sum(1) / (height * width)
 
 
+@_on_tensors_device
 def scale_features_backward(grad_f: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor) -> list[torch.Tensor]:
     """[grad_x, grad_kernels] of `scale_features_forward`: which pre-activations are positive is found once
     (a bit per kernel, one byte per element for up to 8 kernels), then read at every neighbour."""
@@ -428,6 +447,7 @@ def _normal_kernel(out_ptr, seed_ptr, C, H, W, sb, sc, sy, sx, BC: tl.constexpr,
         tl.store(out_ptr + b * sb + channels * sc + row * sy + col * sx, eps, mask=mask)
 
 
+@_on_tensors_device
 def normal_noise_like(x: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """The eps ~ N(0, 1) that the kernels draw from `seed` for a map shaped like x, in x's layout."""
     g = _geometry(x, 1)

@@ -55,7 +55,9 @@ def layout(x: torch.Tensor) -> torch.memory_format:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether φ can run on the fused kernels for the float32 map x: outside torch.compile (which traces torch
-    operators), on a device with kernels that load."""
+    operators), on a device with kernels that load, and on CUDA for maps the Triton kernels' 32-bit indices reach."""
+    if x.is_cuda and x.numel() >= 2**31:
+        return False
     return not _is_compiling() and device_kernels(x) is not None
 
 
