@@ -100,6 +100,20 @@ def test_fused_single_pass_equals_torch_operators(layout, device):
     assert fused(h.requires_grad_(), stats).requires_grad
 
 
+def test_single_pass_keeps_a_nan_to_its_own_image(device):
+    """A NaN in a map at eval (where no error is raised: running statistics are not updated) comes out as NaN in
+    its image and leaves the others alone, on the fused kernels and on torch operators: the expected-softplus
+    table is read at a safe index."""
+    h = torch.randn(3, 5, 6, 6, device=device)
+    h[1, 2, 3, 3] = float("nan")
+    for fused in (True, False):
+        phi = strong_phi(clip=CLIP).to(device).eval()
+        phi.eval_noise, phi.fused_kernels = "mean", fused
+        with torch.no_grad():
+            out = phi(h, SiteStatistics(5, 4).to(device).eval())
+        assert out[1].isnan().any() and not out[[0, 2]].isnan().any()
+
+
 def test_drawn_noise_is_the_generators_and_gradients_follow_it(device):
     """With eps drawn inside the kernel from a seed taken from torch's generator, φ computes the formulas with
     the eps that `normal_noise_like` gives for that seed."""

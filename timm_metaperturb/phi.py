@@ -207,7 +207,7 @@ def expected_softplus(a: torch.Tensor) -> torch.Tensor:
     Two gathers and a few elementwise operations: cheaper than a softplus per quadrature node."""
     start, rise = _expected_softplus_table(a.device, a.dtype)
     position = a.mul(1.0 / _GRID_STEP).add_(_GRID_LIMIT / _GRID_STEP).clamp_(min=0.0)
-    index = position.clamp(max=len(start) - 1).long()
+    index = position.nan_to_num(0.0).clamp_(max=len(start) - 1).long()  # a NaN reads entry 0 and stays NaN in z
     return torch.take(start, index).addcmul_(position - index, torch.take(rise, index))
 
 

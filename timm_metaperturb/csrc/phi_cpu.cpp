@@ -380,7 +380,8 @@ void modulate_expected(int64_t pixels, int64_t C, const float* __restrict a, con
       const int64_t n = p * C + c;
       float position = a[n] * inv_step + offset;
       position = position < 0.0f ? 0.0f : position;
-      const int64_t index = std::min(static_cast<int64_t>(position), last);
+      // a NaN position reads the last entry and stays NaN in z
+      const int64_t index = position < static_cast<float>(last) ? static_cast<int64_t>(position) : last;
       const float z = start[index] + (position - static_cast<float>(index)) * rise[index];
       const float v = ((s[c] * z - 1.0f) * k + 1.0f) * x[n];
       out[n] = v > clip ? clip : v;
