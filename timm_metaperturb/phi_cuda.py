@@ -21,6 +21,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+Seed = int | Tensor | None  # eps's seed: an int, a one-element integer tensor on the GPU, or none
 
 _PIXELS, _CHANNELS = 128, 16  # largest tile: pixels x channels per step of a program
 
@@ -342,7 +345,7 @@ def _geometry(x: torch.Tensor, kernel_size: int) -> dict:
     }
 
 
-def _seed_tensor(seed: int | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _seed_tensor(seed: Seed, x: Tensor) -> Tensor:
     """The seed as the one-element tensor the kernels read (x where there is none: a pointer left unread)."""
     return x if seed is None else torch.as_tensor(seed, device=x.device).reshape(1)
 
@@ -358,8 +361,11 @@ def _hidden(x: torch.Tensor, w_self: torch.Tensor, w_mean: torch.Tensor, g: dict
 
 
 @_on_tensors_device
-def perturb_forward(x, eps, seed, s, w1_self, w1_mean, w2_self, w2_mean, start, rise, grid_limit, grid_step,
-                    strength, clip, keep_u):  # fmt: skip
+def perturb_forward(
+    x: Tensor, eps: Tensor | None, seed: Seed, s: Tensor, w1_self: Tensor, w1_mean: Tensor, w2_self: Tensor,
+    w2_mean: Tensor, start: Tensor, rise: Tensor, grid_limit: float, grid_step: float, strength: float, clip: float,
+    keep_u: bool,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """(out, u): φ's noise path and modulation, eps given, drawn from `seed`, or (neither) replaced by its
     expectation from the table (start, rise, grid limit, grid step); u = a + eps only where kept."""
     g = _geometry(x, w1_self.shape[-1])
@@ -377,7 +383,10 @@ def perturb_forward(x, eps, seed, s, w1_self, w1_mean, w2_self, w2_mean, start, 
 
 
 @_on_tensors_device
-def perturb_backward(grad, x, u, seed, s, w1_self, w1_mean, w2_self, w2_mean, strength, clip):  # fmt: skip
+def perturb_backward(
+    grad: Tensor, x: Tensor, u: Tensor | None, seed: Seed, s: Tensor, w1_self: Tensor, w1_mean: Tensor,
+    w2_self: Tensor, w2_mean: Tensor, strength: float, clip: float,
+) -> list[Tensor]:  # fmt: skip
     """[grad_x, grad_s, and the gradients to w1_self, w1_mean, w2_self, w2_mean], from u kept or drawn again."""
     g = _geometry(x, w1_self.shape[-1])
     batch, channels, height, width = x.shape
@@ -388,8 +397,7 @@ def perturb_backward(grad, x, u, seed, s, w1_self, w1_mean, w2_self, w2_mean, st
     grad_w_part = x.new_empty(g["programs"], 4, g["TAPS"])
     _perturb_backward_noise_kernel[g["grid"]](
         grad, x, r, mean_r, w2_self, w2_mean, s, x if u is None else u, _seed_tensor(seed, x), strength, clip,
-        grad_x, grad_u,
-        grad_u_sum, grad_s_part, *g["shape"], KEEP_U=u is not None, K=g["K"], **g["tiles"],
+        grad_x, grad_u, grad_u_sum, grad_s_part, *g["shape"], KEEP_U=u is not None, K=g["K"], **g["tiles"],
     )  # fmt: skip
     grad_pre, grad_pre_sum = torch.empty_like(x), torch.empty_like(grad_u_sum)
     _equivariant_backward_kernel[g["grid"]](
@@ -448,7 +456,7 @@ def _normal_kernel(out_ptr, seed_ptr, C, H, W, sb, sc, sy, sx, BC: tl.constexpr,
 
 
 @_on_tensors_device
-def normal_noise_like(x: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+def normal_noise_like(x: Tensor, seed: int | Tensor) -> Tensor:
     """The eps ~ N(0, 1) that the kernels draw from `seed` for a map shaped like x, in x's layout."""
     g = _geometry(x, 1)
     out = torch.empty_like(x, dtype=torch.float32)
