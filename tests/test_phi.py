@@ -73,7 +73,7 @@ def test_fast_phi_equals_reference_forward_and_gradients(layout, strength, noise
     """The fast φ on torch operators (channels-last, custom backward, recomputation) against the formulas with
     autograd: output, running statistics and the gradients to h and to all 82 parameters, with some outputs
     clipped; eps given, or drawn by φ from a seed and either kept for the backward or drawn again there. (The
-    fused CPU kernels: test_phi_cpu.py.)"""
+    fused kernels: test_phi_fused.py.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact float32 convolutions on a GPU
     phi = strong_phi(clip=3.0).to(device)
     phi.fused_kernels = False
