@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> str:
         "--cuda-graph", action="store_true", help="add the training step captured in a CUDA graph (plain, fused φ)"
     )
     args = parser.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
     if args.device == "cpu":
         torch.set_num_threads(2)
     if args.profile:
