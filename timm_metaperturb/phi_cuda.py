@@ -29,6 +29,15 @@ _PIXELS, _CHANNELS = 128, 16  # largest tile: pixels x channels per step of a pr
 
 
 @triton.jit
+def _tile(H, W, BP: tl.constexpr):
+    """This program's image, its index among all programs (where per-program partial sums go) and its tile of
+    pixels: flat indices, rows, columns, and which of them lie in the H x W map."""
+    b, tile = tl.program_id(1), tl.program_id(0)
+    pixels = tile * BP + tl.arange(0, BP)
+    return b, b * tl.num_programs(0) + tile, pixels, pixels // W, pixels % W, pixels < H * W
+
+
+@triton.jit
 def _shifted(ptr, base, channel_offset, row, col, dy: tl.constexpr, dx: tl.constexpr, height, width,
              stride_y, stride_x, mask):  # fmt: skip
     """Values at (row + dy, col + dx), zero outside the map (the convolutions' zero padding)."""
@@ -91,23 +100,21 @@ def _softplus(u):
 def _channel_mean_kernel(x_ptr, mean_ptr, C, H, W, sb, sc, sy, sx,
                          BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     """mean over channels of x, one (H * W) row per image."""
-    b, pixels = tl.program_id(1), tl.program_id(0) * BP + tl.arange(0, BP)
-    row, col = pixels // W, pixels % W
+    b, _, pixels, row, col, in_map = _tile(H, W, BP)
     acc = tl.zeros([BP], tl.float32)
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
-        mask = (channels < C) & (pixels < H * W)[None, :]
+        mask = (channels < C) & in_map[None, :]
         acc += tl.sum(tl.load(x_ptr + b * sb + channels * sc + row[None, :] * sy + col[None, :] * sx, mask=mask,
                               other=0.0), axis=0)  # fmt: skip
-    tl.store(mean_ptr + b * H * W + pixels, acc / C, mask=pixels < H * W)
+    tl.store(mean_ptr + b * H * W + pixels, acc / C, mask=in_map)
 
 
 @triton.jit
 def _hidden_kernel(x_ptr, mean_x_ptr, w_self_ptr, w_mean_ptr, r_ptr, mean_r_ptr, C, H, W, sb, sc, sy, sx,
                    K: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     """r = relu(E1(x)) and its channel mean."""
-    b, pixels = tl.program_id(1), tl.program_id(0) * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
+    b, _, pixels, row, col, in_map = _tile(H, W, BP)
     from_mean = _stencil(mean_x_ptr, b * H * W, 0, row, col, w_mean_ptr, H, W, W, 1, in_map, K, False)
     total = tl.zeros([BP], tl.float32)
     for c0 in range(0, C, BC):
@@ -141,8 +148,7 @@ def _perturb_kernel(x_ptr, r_ptr, mean_r_ptr, w_self_ptr, w_mean_ptr, s_ptr, eps
                     BP: tl.constexpr):  # fmt: skip
     """out = min(m * x, clip), m = s * z * k + 1 - k, z = softplus(a + eps) or (MODE 2) E[softplus(a + eps)]
     interpolated in the table."""
-    b, pixels = tl.program_id(1), tl.program_id(0) * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
+    b, _, _, row, col, in_map = _tile(H, W, BP)
     seed = _seed(seed_ptr, MODE == 1)
     from_mean = _stencil(mean_r_ptr, b * H * W, 0, row, col, w_mean_ptr, H, W, W, 1, in_map, K, False)[None, :]
     for c0 in range(0, C, BC):
@@ -173,12 +179,9 @@ def _perturb_backward_noise_kernel(grad_ptr, x_ptr, r_ptr, mean_r_ptr, w_self_pt
                                    BP: tl.constexpr):  # fmt: skip
     """From the output's gradient: x's direct part (m times it), s's part (per program), and the gradient to
     u = a + eps with its channel sum (what E2's mean kernel passes back)."""
-    b, tile = tl.program_id(1), tl.program_id(0)
-    pixels = tile * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
+    b, program, pixels, row, col, in_map = _tile(H, W, BP)
     from_mean = _stencil(mean_r_ptr, b * H * W, 0, row, col, w_mean_ptr, H, W, W, 1, in_map, K, False)[None, :]
     grad_u_sum = tl.zeros([BP], tl.float32)
-    program = b * tl.num_programs(0) + tile
     seed = _seed(seed_ptr, not KEEP_U)
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
@@ -213,13 +216,10 @@ def _equivariant_backward_kernel(grad_ptr, grad_sum_ptr, input_ptr, input_mean_p
     """An equivariant layer's backward from its output's gradient g (and g's channel sum): the gradient to its
     input, E_self^T g + E_mean^T sum_c g / C, times relu's gate (input > 0) where GATED, added to out where
     ACCUMULATE, else stored with its channel sum; and its two kernels' gradients per program (at slot, slot + 1)."""
-    b, tile = tl.program_id(1), tl.program_id(0)
-    pixels = tile * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
+    b, program, pixels, row, col, in_map = _tile(H, W, BP)
     from_sum = _stencil(grad_sum_ptr, b * H * W, 0, row, col, w_mean_ptr, H, W, W, 1, in_map, K, True)[None, :] / C
     grad_w_self = tl.zeros([TAPS], tl.float32)
     out_sum = tl.zeros([BP], tl.float32)
-    program = b * tl.num_programs(0) + tile
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
         mask = (channels < C) & in_map[None, :]
@@ -249,10 +249,7 @@ def _equivariant_backward_kernel(grad_ptr, grad_sum_ptr, input_ptr, input_mean_p
 def _scale_features_kernel(x_ptr, kernels_ptr, part_ptr, C, H, W, sb, sc, sy, sx, H_DIM: tl.constexpr,
                            K: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     """Per program: sum over its pixels of relu(K_i * x) for every channel and shared kernel."""
-    b, tile = tl.program_id(1), tl.program_id(0)
-    pixels = tile * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
-    program = b * tl.num_programs(0) + tile
+    b, program, _, row, col, in_map = _tile(H, W, BP)
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
         mask = (channels < C) & in_map[None, :]
@@ -269,10 +266,7 @@ def _scale_features_active_kernel(grad_f_ptr, x_ptr, kernels_ptr, active_ptr, gr
                                   TAPS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     """Where each K_i * x > 0, as bit i of one small integer per element, and the kernels' gradients per program:
     sum over the tile of g_i / HW * [K_i * x > 0] * x[p + t - pad]."""
-    b, tile = tl.program_id(1), tl.program_id(0)
-    pixels = tile * BP + tl.arange(0, BP)
-    row, col, in_map = pixels // W, pixels % W, pixels < H * W
-    program = b * tl.num_programs(0) + tile
+    b, program, _, row, col, in_map = _tile(H, W, BP)
     grad_k = tl.zeros([H_PAD, TAPS], tl.float32)
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
@@ -298,8 +292,8 @@ def _scale_features_backward_kernel(grad_f_ptr, active_ptr, kernels_ptr, grad_x_
                                     H_DIM: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
                                     BP: tl.constexpr):  # fmt: skip
     """grad_x = sum_i K_i^T (g_i / HW * [K_i * x > 0]), the activity read as bits at each neighbour."""
-    b, pixels = tl.program_id(1), tl.program_id(0) * BP + tl.arange(0, BP)
-    row, col, in_map = (pixels // W)[None, :], (pixels % W)[None, :], (pixels < H * W)[None, :]
+    b, _, _, row, col, in_map = _tile(H, W, BP)
+    row, col, in_map = row[None, :], col[None, :], in_map[None, :]
     pad: tl.constexpr = K // 2
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
@@ -376,7 +370,7 @@ def perturb_forward(
     table = (start, rise) if mode == 2 else (x, x)  # unused pointers where sampling
     _perturb_kernel[g["grid"]](
         x, r, mean_r, w2_self, w2_mean, s, x if eps is None else eps, _seed_tensor(seed, x), *table, grid_limit,
-        grid_step, max(len(table[0]), 1), strength, clip, out, out if u is None else u, *g["shape"], MODE=mode,
+        grid_step, len(start), strength, clip, out, out if u is None else u, *g["shape"], MODE=mode,
         KEEP_U=u is not None, K=g["K"], **g["tiles"],
     )  # fmt: skip
     return out, u
@@ -445,12 +439,12 @@ def scale_features_backward(grad_f: torch.Tensor, x: torch.Tensor, kernels: torc
 
 @triton.jit
 def _normal_kernel(out_ptr, seed_ptr, C, H, W, sb, sc, sy, sx, BC: tl.constexpr, BP: tl.constexpr):
-    b, pixels = tl.program_id(1), tl.program_id(0) * BP + tl.arange(0, BP)
+    b, _, _, row, col, in_map = _tile(H, W, BP)
     seed = tl.load(seed_ptr)
-    row, col = (pixels // W)[None, :], (pixels % W)[None, :]
+    row, col = row[None, :], col[None, :]
     for c0 in range(0, C, BC):
         channels = c0 + tl.arange(0, BC)[:, None]
-        mask = (channels < C) & (pixels < H * W)[None, :]
+        mask = (channels < C) & in_map[None, :]
         eps = tl.randn(seed + b, channels * (H * W) + row * W + col)
         tl.store(out_ptr + b * sb + channels * sc + row * sy + col * sx, eps, mask=mask)
 
