@@ -7,12 +7,12 @@ eval forward time as ratios to the plain network, and the memory a training step
     python -m benchmarks.overhead --compile       # also the single-pass eval under torch.compile (with
                                                   # --profile: its operators too)
 
-Rows: the project's φ (`timm_metaperturb.MetaPerturb`) as it runs on CPU (eps kept for the backward) and on
-accelerators (eps drawn again in the backward from its seed, `redraw_noise`), and a straightforward reference
-implementation of the formulas written here (depthwise convolutions with the kernels repeated per channel, a
-grouped convolution with 4C outputs for the scale statistics, separate elementwise operations). Times are
-medians over interleaved repeats; memory is what autograd saves for the backward (distinct storages), the part
-of a training step's peak that φ's implementation decides.
+Rows: the project's φ (`timm_metaperturb.MetaPerturb`, frozen as in target training) on its fused kernels (the
+default) and on torch operators with eps kept for the backward or drawn again there from its seed
+(`redraw_noise`), and a straightforward reference implementation of the formulas written here (depthwise
+convolutions with the kernels repeated per channel, a grouped convolution with 4C outputs for the scale
+statistics, separate elementwise operations). Times are medians over interleaved repeats; memory is what autograd
+saves for the backward (distinct storages), the part of a training step's peak that φ's implementation decides.
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ def official_phi(official_phi_path) -> MetaPerturb:
     return load_official_checkpoint(official_phi_path)
 
 
-def strong_phi(kernel_size: int = 3, clip: float = 100.0) -> MetaPerturb:
+def strong_phi(kernel_size: int = 3, clip: float = 100.0, h_dim: int = 4) -> MetaPerturb:
     """φ with large random weights (seed 0), so that every term matters, its noise and scales differ visibly
     between inputs, and with a low `clip` some outputs reach it."""
     torch.manual_seed(0)
-    phi = MetaPerturb(kernel_size=kernel_size, clip=clip)
+    phi = MetaPerturb(kernel_size=kernel_size, clip=clip, h_dim=h_dim)
     with torch.no_grad():
         for p in phi.parameters():
             p.normal_(std=0.5)

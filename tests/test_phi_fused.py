@@ -64,14 +64,46 @@ def test_fused_kernels_run_by_default(device):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("kernel_size", [3, 5])
-@pytest.mark.parametrize("shape", [(6, 5, 9, 11), (3, 1, 1, 1), (2, 33, 4, 3)])
+@pytest.mark.parametrize("shape", [(6, 5, 9, 11), (3, 1, 1, 1), (2, 33, 4, 3), (2, 16, 5, 16)])
 def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape, device):
     """Against the formulas with autograd, at strength 0.6 with some outputs clipped: output, running statistics,
-    gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too."""
-    phi = strong_phi(kernel_size, CLIP).to(device)
+    gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too, and
+    maps whose channels and pixels come in whole 16 x 16 blocks (the C++ kernels transpose those in registers)."""
+    assert_fused_equals_reference(strong_phi(kernel_size, CLIP).to(device), shape, layout, device)
+
+
+@pytest.mark.parametrize("h_dim", [1, 6])
+def test_fused_scale_features_take_any_number_of_kernels(h_dim, device):
+    """The C++ kernels run the scale's kernels four at a time: fewer, or a remainder, is the same function."""
+    phi = strong_phi(clip=CLIP, h_dim=h_dim).to(device)
+    assert_fused_equals_reference(phi, (3, 5, 7, 6), torch.contiguous_format, device)
+
+
+def test_frozen_phi_gets_no_kernel_gradients_and_the_same_input_gradient(device):
+    """φ frozen (target training): its kernels' gradients are not computed at all, and h's gradient is the one
+    a trainable φ gives, bit for bit."""
+    h = torch.randn(4, 6, 9, 9, device=device, requires_grad=True)
+    grads = {}
+    for frozen in (False, True):
+        phi = strong_phi(clip=CLIP).to(device).requires_grad_(not frozen)
+        torch.manual_seed(5)
+        out = phi(h, SiteStatistics(6, 4).to(device).train())
+        grads[frozen] = torch.autograd.grad(out.square().sum(), h)[0]
+    assert torch.equal(grads[False], grads[True])
+    kernels, x, grad = phi_fused.device_kernels(h), h.detach(), torch.randn_like(h)
+    *_, grad_w1_self, _, _, grad_w2_mean = kernels.perturb_backward(
+        grad, x, None, 5, torch.ones(6, device=device), *phi._noise_weights(), 1.0, CLIP, False
+    )
+    _, grad_scale_kernels = kernels.scale_features_backward(
+        torch.randn(4, 6, 4, device=device), x, phi.scale_kernels.detach(), False
+    )
+    assert grad_w1_self is grad_w2_mean is grad_scale_kernels is None
+
+
+def assert_fused_equals_reference(phi, shape, layout, device):
     h = (torch.randn(shape, device=device) * 2).contiguous(memory_format=layout).requires_grad_()
     eps, grad_out = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    stats = SiteStatistics(shape[1], 4).to(device).train()
+    stats = SiteStatistics(shape[1], phi.h_dim).to(device).train()
     out = phi(h, stats, strength=0.6, noise=eps)
     expected, (mean, _) = reference_perturb(phi, h, eps, strength=0.6)
     assert out.is_contiguous(memory_format=layout)

@@ -211,11 +211,12 @@ def _perturb_backward_noise_kernel(grad_ptr, x_ptr, r_ptr, mean_r_ptr, w_self_pt
 @triton.jit
 def _equivariant_backward_kernel(grad_ptr, grad_sum_ptr, input_ptr, input_mean_ptr, w_self_ptr, w_mean_ptr,
                                  out_ptr, out_sum_ptr, grad_w_part_ptr, slot, C, H, W, sb, sc, sy, sx,
-                                 GATED: tl.constexpr, ACCUMULATE: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr,
-                                 BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+                                 GATED: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+                                 K: tl.constexpr, TAPS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     """An equivariant layer's backward from its output's gradient g (and g's channel sum): the gradient to its
     input, E_self^T g + E_mean^T sum_c g / C, times relu's gate (input > 0) where GATED, added to out where
-    ACCUMULATE, else stored with its channel sum; and its two kernels' gradients per program (at slot, slot + 1)."""
+    ACCUMULATE, else stored with its channel sum; and with WEIGHT_GRADS its two kernels' gradients per program (at
+    slot, slot + 1)."""
     b, program, pixels, row, col, in_map = _tile(H, W, BP)
     from_sum = _stencil(grad_sum_ptr, b * H * W, 0, row, col, w_mean_ptr, H, W, W, 1, in_map, K, True)[None, :] / C
     grad_w_self = tl.zeros([TAPS], tl.float32)
@@ -233,16 +234,19 @@ def _equivariant_backward_kernel(grad_ptr, grad_sum_ptr, input_ptr, input_mean_p
         else:
             tl.store(out_ptr + offsets, grad_in, mask=mask)
             out_sum += tl.sum(tl.where(mask, grad_in, 0.0), axis=0)
-        grad_w_self = _tap_sums(grad_w_self, tl.load(grad_ptr + offsets, mask=mask, other=0.0), input_ptr, b * sb,
-                                channels * sc, row[None, :], col[None, :], H, W, sy, sx, mask, K, TAPS)  # fmt: skip
+        if WEIGHT_GRADS:
+            grad_w_self = _tap_sums(grad_w_self, tl.load(grad_ptr + offsets, mask=mask, other=0.0), input_ptr,
+                                    b * sb, channels * sc, row[None, :], col[None, :], H, W, sy, sx, mask, K,
+                                    TAPS)  # fmt: skip
     if not ACCUMULATE:
         tl.store(out_sum_ptr + b * H * W + pixels, out_sum, mask=in_map)
-    grad_sum = tl.load(grad_sum_ptr + b * H * W + pixels, mask=in_map, other=0.0)
-    grad_w_mean = _tap_sums(tl.zeros([TAPS], tl.float32), grad_sum, input_mean_ptr, b * H * W, 0, row, col, H, W,
-                            W, 1, in_map, K, TAPS)  # fmt: skip
-    slots = tl.arange(0, TAPS)
-    tl.store(grad_w_part_ptr + (program * 4 + slot) * TAPS + slots, grad_w_self)
-    tl.store(grad_w_part_ptr + (program * 4 + slot + 1) * TAPS + slots, grad_w_mean)
+    if WEIGHT_GRADS:
+        grad_sum = tl.load(grad_sum_ptr + b * H * W + pixels, mask=in_map, other=0.0)
+        grad_w_mean = _tap_sums(tl.zeros([TAPS], tl.float32), grad_sum, input_mean_ptr, b * H * W, 0, row, col, H,
+                                W, W, 1, in_map, K, TAPS)  # fmt: skip
+        slots = tl.arange(0, TAPS)
+        tl.store(grad_w_part_ptr + (program * 4 + slot) * TAPS + slots, grad_w_self)
+        tl.store(grad_w_part_ptr + (program * 4 + slot + 1) * TAPS + slots, grad_w_mean)
 
 
 @triton.jit
@@ -262,10 +266,10 @@ def _scale_features_kernel(x_ptr, kernels_ptr, part_ptr, C, H, W, sb, sc, sy, sx
 
 @triton.jit
 def _scale_features_active_kernel(grad_f_ptr, x_ptr, kernels_ptr, active_ptr, grad_k_part_ptr, C, H, W, sb, sc,
-                                  sy, sx, H_DIM: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr,
-                                  TAPS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
-    """Where each K_i * x > 0, as bit i of one small integer per element, and the kernels' gradients per program:
-    sum over the tile of g_i / HW * [K_i * x > 0] * x[p + t - pad]."""
+                                  sy, sx, H_DIM: tl.constexpr, H_PAD: tl.constexpr, KERNEL_GRADS: tl.constexpr,
+                                  K: tl.constexpr, TAPS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """Where each K_i * x > 0, as bit i of one small integer per element, and with KERNEL_GRADS the kernels'
+    gradients per program: sum over the tile of g_i / HW * [K_i * x > 0] * x[p + t - pad]."""
     b, program, _, row, col, in_map = _tile(H, W, BP)
     grad_k = tl.zeros([H_PAD, TAPS], tl.float32)
     for c0 in range(0, C, BC):
@@ -277,14 +281,16 @@ def _scale_features_active_kernel(grad_f_ptr, x_ptr, kernels_ptr, active_ptr, gr
                            sy, sx, mask, K, False)  # fmt: skip
             active = mask & (pre > 0.0)
             bits |= active.to(tl.int32) << i
-            weight = tl.load(grad_f_ptr + (b * C + channels) * H_DIM + i, mask=channels < C, other=0.0) / (H * W)
-            taps = _tap_sums(tl.zeros([TAPS], tl.float32), tl.where(active, weight, 0.0), x_ptr, b * sb,
-                             channels * sc, row[None, :], col[None, :], H, W, sy, sx, mask, K, TAPS)  # fmt: skip
-            grad_k += tl.where(tl.arange(0, H_PAD)[:, None] == i, taps[None, :], 0.0)
+            if KERNEL_GRADS:
+                weight = tl.load(grad_f_ptr + (b * C + channels) * H_DIM + i, mask=channels < C, other=0.0) / (H * W)
+                taps = _tap_sums(tl.zeros([TAPS], tl.float32), tl.where(active, weight, 0.0), x_ptr, b * sb,
+                                 channels * sc, row[None, :], col[None, :], H, W, sy, sx, mask, K, TAPS)  # fmt: skip
+                grad_k += tl.where(tl.arange(0, H_PAD)[:, None] == i, taps[None, :], 0.0)
         offsets = b * sb + channels * sc + row[None, :] * sy + col[None, :] * sx
         tl.store(active_ptr + offsets, bits.to(active_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_k_part_ptr + (program * H_PAD + tl.arange(0, H_PAD)[:, None]) * TAPS + tl.arange(0, TAPS)[None, :],
-             grad_k)  # fmt: skip
+    if KERNEL_GRADS:
+        slots = (program * H_PAD + tl.arange(0, H_PAD)[:, None]) * TAPS + tl.arange(0, TAPS)[None, :]
+        tl.store(grad_k_part_ptr + slots, grad_k)
 
 
 @triton.jit
@@ -379,16 +385,17 @@ def perturb_forward(
 @_on_tensors_device
 def perturb_backward(
     grad: Tensor, x: Tensor, u: Tensor | None, seed: Seed, s: Tensor, w1_self: Tensor, w1_mean: Tensor,
-    w2_self: Tensor, w2_mean: Tensor, strength: float, clip: float,
-) -> list[Tensor]:  # fmt: skip
-    """[grad_x, grad_s, and the gradients to w1_self, w1_mean, w2_self, w2_mean], from u kept or drawn again."""
+    w2_self: Tensor, w2_mean: Tensor, strength: float, clip: float, weight_grads: bool,
+) -> list[Tensor | None]:  # fmt: skip
+    """[grad_x, grad_s, and the gradients to w1_self, w1_mean, w2_self, w2_mean (None without `weight_grads`)],
+    from u kept or drawn again."""
     g = _geometry(x, w1_self.shape[-1])
     batch, channels, height, width = x.shape
     mean_x, r, mean_r = _hidden(x, w1_self, w1_mean, g)
     grad_x, grad_u = torch.empty_like(x), torch.empty_like(x)
     grad_u_sum = x.new_empty(batch, height * width)
     grad_s_part = x.new_empty(g["programs"], channels)
-    grad_w_part = x.new_empty(g["programs"], 4, g["TAPS"])
+    grad_w_part = x.new_empty(g["programs"] if weight_grads else 0, 4, g["TAPS"])
     _perturb_backward_noise_kernel[g["grid"]](
         grad, x, r, mean_r, w2_self, w2_mean, s, x if u is None else u, _seed_tensor(seed, x), strength, clip,
         grad_x, grad_u, grad_u_sum, grad_s_part, *g["shape"], KEEP_U=u is not None, K=g["K"], **g["tiles"],
@@ -396,12 +403,14 @@ def perturb_backward(
     grad_pre, grad_pre_sum = torch.empty_like(x), torch.empty_like(grad_u_sum)
     _equivariant_backward_kernel[g["grid"]](
         grad_u, grad_u_sum, r, mean_r, w2_self, w2_mean, grad_pre, grad_pre_sum, grad_w_part, 2, *g["shape"],
-        GATED=True, ACCUMULATE=False, K=g["K"], TAPS=g["TAPS"], **g["tiles"],
+        GATED=True, ACCUMULATE=False, WEIGHT_GRADS=weight_grads, K=g["K"], TAPS=g["TAPS"], **g["tiles"],
     )  # fmt: skip
     _equivariant_backward_kernel[g["grid"]](
         grad_pre, grad_pre_sum, x, mean_x, w1_self, w1_mean, grad_x, grad_pre_sum, grad_w_part, 0, *g["shape"],
-        GATED=False, ACCUMULATE=True, K=g["K"], TAPS=g["TAPS"], **g["tiles"],
+        GATED=False, ACCUMULATE=True, WEIGHT_GRADS=weight_grads, K=g["K"], TAPS=g["TAPS"], **g["tiles"],
     )  # fmt: skip
+    if not weight_grads:
+        return [grad_x, grad_s_part.sum(0), None, None, None, None]
     grad_w = grad_w_part.sum(0)[:, : g["K"] ** 2].view(4, *w1_self.shape)
     return [grad_x, grad_s_part.sum(0), *grad_w.unbind(0)]
 
@@ -417,24 +426,27 @@ def scale_features_forward(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
 
 
 @_on_tensors_device
-def scale_features_backward(grad_f: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor) -> list[torch.Tensor]:
-    """[grad_x, grad_kernels] of `scale_features_forward`: which pre-activations are positive is found once
-    (a bit per kernel, one byte per element for up to 8 kernels), then read at every neighbour."""
+def scale_features_backward(
+    grad_f: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, kernel_grads: bool
+) -> list[torch.Tensor | None]:
+    """[grad_x, grad_kernels (None without `kernel_grads`)] of `scale_features_forward`: which pre-activations are
+    positive is found once (a bit per kernel, one byte per element for up to 8 kernels), then read at every
+    neighbour."""
     g, h_dim = _geometry(x, kernels.shape[-1]), len(kernels)
     if h_dim > 31:
         raise ValueError(f"φ's CUDA kernels take at most 31 scale kernels, this φ has h_dim={h_dim}")
     h_pad, grad_f = triton.next_power_of_2(h_dim), grad_f.contiguous()
     active = torch.empty_like(x, dtype=torch.uint8 if h_dim <= 8 else torch.int32)
-    part = x.new_empty(g["programs"], h_pad, g["TAPS"])
+    part = x.new_empty(g["programs"] if kernel_grads else 0, h_pad, g["TAPS"])
     _scale_features_active_kernel[g["grid"]](
-        grad_f, x, kernels, active, part, *g["shape"], H_DIM=h_dim, H_PAD=h_pad, K=g["K"], TAPS=g["TAPS"],
-        **g["tiles"],
+        grad_f, x, kernels, active, part, *g["shape"], H_DIM=h_dim, H_PAD=h_pad, KERNEL_GRADS=kernel_grads, K=g["K"],
+        TAPS=g["TAPS"], **g["tiles"],
     )  # fmt: skip
     grad_x = torch.empty_like(x)
     _scale_features_backward_kernel[g["grid"]](
         grad_f, active, kernels, grad_x, *g["shape"], H_DIM=h_dim, K=g["K"], **g["tiles"]
     )  # fmt: skip
-    return [grad_x, part.sum(0)[:h_dim, : g["K"] ** 2].reshape(kernels.shape)]
+    return [grad_x, part.sum(0)[:h_dim, : g["K"] ** 2].reshape(kernels.shape) if kernel_grads else None]
 
 
 @triton.jit

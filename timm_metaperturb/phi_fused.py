@@ -88,8 +88,9 @@ class FusedPerturbation(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, s, u, *weights = ctx.saved_tensors
         grad = grad.contiguous(memory_format=layout(x))
+        weight_grads = any(ctx.needs_input_grad[4:8])  # φ frozen (target training): no kernel gradients
         grad_x, grad_s, *grad_w = device_kernels(x).perturb_backward(
-            grad, x, u, ctx.seed, s.reshape(-1), *weights, ctx.strength, ctx.clip
+            grad, x, u, ctx.seed, s.reshape(-1), *weights, ctx.strength, ctx.clip, weight_grads
         )
         grads = [grad_x, None, None, grad_s.view_as(s), *grad_w]
         return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)), None, None
@@ -133,5 +134,5 @@ class FusedScaleFeatures(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, kernels = ctx.saved_tensors  # the gradient to x comes in x's layout
-        grad_x, grad_kernels = device_kernels(x).scale_features_backward(grad, x, kernels)
-        return grad_x if ctx.needs_input_grad[0] else None, grad_kernels if ctx.needs_input_grad[1] else None
+        grad_x, grad_kernels = device_kernels(x).scale_features_backward(grad, x, kernels, ctx.needs_input_grad[1])
+        return grad_x if ctx.needs_input_grad[0] else None, grad_kernels
