@@ -40,6 +40,8 @@ ABLATION_CELL = ("fmnist5-9", "resnet20")
 ABLATIONS = {  # rows beside base and metaperturb on ABLATION_CELL: one change each to the shipped φ's run
     "metaperturb-output-placement": ["--placement", "output"],  # after the block's activation, not before it
     "metaperturb-no-annealing": ["--anneal", "0"],  # full strength from the first step
+    "metaperturb-anneal-70": ["--anneal", "0.7"],  # strength rising over 70% of the steps (default 40%)
+    "metaperturb-anneal-100": ["--anneal", "1"],  # rising over the whole run: full strength at the last step
     "metaperturb-no-scale": ["--phi-components", "noise"],  # s fixed to 1
     "metaperturb-no-noise": ["--phi-components", "scale"],  # z fixed to 1: a deterministic channel scale
 }
@@ -55,8 +57,9 @@ SETUP = (
 ABLATION_SETUP = (
     "Ablation rows, each one change to the shipped φ's run (metaperturb): output-placement = φ after each block's "
     "closing activation instead of before it; no-annealing = strength k = 1 from the first step (default: rising "
-    "over 40% of the steps); no-scale = s fixed to 1 (only the noise z); no-noise = z fixed to 1 (only the "
-    "channel scale s); metaperturb-NAME rows = another φ (`--phi-row`), e.g. one meta-trained for fewer steps."
+    "over 40% of the steps); anneal-N = rising over N% of the steps; no-scale = s fixed to 1 (only the noise z); "
+    "no-noise = z fixed to 1 (only the channel scale s); metaperturb-NAME rows = another φ (`--phi-row`), e.g. one "
+    "meta-trained for fewer steps."
 )
 
 
@@ -217,8 +220,8 @@ def main(argv: list[str] | None = None) -> str:
     cells = [c for c in CELLS if c[1] == "resnet20"] if args.quick else CELLS
     if args.regime:
         cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
-    if args.ablation:
-        cells = [ABLATION_CELL]
+    if args.ablation:  # on the ablation cell, or on any cell --cells names
+        cells = CELLS if args.cells else [ABLATION_CELL]
     phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
     if len(phis) != len(args.phi_row):
         parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")

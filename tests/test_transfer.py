@@ -76,6 +76,9 @@ def test_ablation_rows_and_phi_rows(tmp_path, capsys):
     assert (
         "| metaperturb-no-noise | mean-bn | 90.00 ± 0.00 |" in text and "<!-- ablation:start -->" in results.read_text()
     )
+    other = main(["--ablation", "--table-only", "--seeds", "0", "--cells", "digits:resnet20", "--runs-dir",
+                  str(tmp_path), "--results", str(results)])  # fmt: skip
+    assert "**resnet20 on digits**" in other and "on fmnist5-9" not in other
     with pytest.raises(SystemExit):
         main(["--phi-row", "phi150", "--runs-dir", str(tmp_path), "--results", str(results)])
     assert "NAME=PATH" in capsys.readouterr().err
