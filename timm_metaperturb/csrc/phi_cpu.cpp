@@ -476,33 +476,35 @@ void modulate_backward(int64_t pixels, int64_t C, const float* __restrict grad_o
 }
 
 // The scale's shared kernels in groups of four, the last group padded with zero kernels: one pass over an image's
-// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36).
+// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (it keeps the
+// taps' row pointers).
 class KernelGroups {
  public:
   static constexpr int64_t size = 4;
 
   explicit KernelGroups(const Tensor& kernels)
       : ksize_(kernels.size(-1)), taps_(ksize_ * ksize_),
-        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f) {
+        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), src_(taps_) {
     const Tensor k = kernels.contiguous();
     std::copy_n(k.data_ptr<float>(), k.numel(), weights_.begin());
   }
 
   // Row i of one image (x padded) under the four kernels first, ..., first + 3: rows[h * n + e] = (K_{first + h} *
   // x)[i, e] for the row's n = W * C elements.
-  void stencil_row(const Padded& x, int64_t first, int64_t i, float* __restrict rows) const {
+  void stencil_row(const Padded& x, int64_t first, int64_t i, float* __restrict rows) {
     if (ksize_ == 3) return stencil_row_impl<3>(x, first, i, rows);
     stencil_row_impl<0>(x, first, i, rows);
   }
 
  private:
   template <int KT>
-  void stencil_row_impl(const Padded& x, int64_t first, int64_t i, float* __restrict rows) const {
+  void stencil_row_impl(const Padded& x, int64_t first, int64_t i, float* __restrict rows) {
     const int64_t K = KT > 0 ? KT : ksize_, taps = K * K, n = x.g.width * x.channels;
-    const float* w = weights_.data() + first * taps;
-    std::vector<float> w0(w, w + taps), w1(w + taps, w + 2 * taps), w2(w + 2 * taps, w + 3 * taps),
-        w3(w + 3 * taps, w + 4 * taps);
-    std::vector<const float*> src(taps);
+    const float* __restrict w0 = weights_.data() + first * taps;
+    const float* __restrict w1 = w0 + taps;
+    const float* __restrict w2 = w1 + taps;
+    const float* __restrict w3 = w2 + taps;
+    const float** src = src_.data();
     for (int64_t di = 0; di < K; ++di)
       for (int64_t dj = 0; dj < K; ++dj) src[di * K + dj] = x.at(i + di, dj);
     for (int64_t e = 0; e < n; ++e) {
@@ -523,6 +525,7 @@ class KernelGroups {
 
   int64_t ksize_, taps_;
   std::vector<float> weights_;
+  std::vector<const float*> src_;
 };
 
 const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
@@ -619,9 +622,9 @@ std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, co
 Tensor scale_features_forward(const Tensor& x, const Tensor& kernels) {
   const Geometry g = geometry(x, kernels);
   const int64_t h_dim = kernels.size(0), C = g.channels, n = g.width * C;
-  const KernelGroups groups(kernels);
   Tensor f = at::zeros({g.batch, h_dim, C}, x.options());
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    KernelGroups groups(kernels);
     Padded xp(g, C);
     Images x_images(g, x);
     std::vector<float> rows(KernelGroups::size * n), sums(KernelGroups::size * n);
@@ -651,11 +654,11 @@ std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& 
                                             bool kernel_grads) {
   const Geometry g = geometry(x, kernels);
   const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels, n = g.width * C;
-  const KernelGroups groups(kernels);
   Tensor grad = grad_f.transpose(1, 2).contiguous().div_(static_cast<double>(g.pixels()));  // (B, h_dim, C)
   Tensor grad_x = at::empty_like(x, g.layout());
   Tensor grad_k = kernel_grads ? at::zeros({g.batch, h_dim, taps}, x.options()) : Tensor();
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    KernelGroups groups(kernels);
     Padded xp(g, C), vp(g, C);
     Images x_images(g, x), grad_x_images(g, grad_x);
     std::vector<float> v(KernelGroups::size * g.image()), rows(KernelGroups::size * n),
