@@ -61,7 +61,7 @@ def usable(x: torch.Tensor) -> bool:
     return not _is_compiling() and device_kernels(x) is not None
 
 
-_NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus table, unused when sampling
+NO_TABLE = (torch.empty(0), torch.empty(0), 0.0, 1.0)  # the expected-softplus table, unused when sampling
 
 
 class FusedPerturbation(torch.autograd.Function):
@@ -78,7 +78,7 @@ class FusedPerturbation(torch.autograd.Function):
         eps, seed = (noise, None) if given else (None, noise)
         redraw = redraw and seed is not None
         out, u = device_kernels(x).perturb_forward(
-            x, eps, seed, s.reshape(-1), *weights, *_NO_TABLE, strength, clip, not redraw
+            x, eps, seed, s.reshape(-1), *weights, *NO_TABLE, strength, clip, not redraw
         )
         ctx.save_for_backward(x, s, u, *weights)  # u: None where redrawn
         ctx.strength, ctx.clip, ctx.seed = strength, clip, seed if redraw else None

@@ -1,0 +1,46 @@
+"""φ's four fused CPU kernels alone, called in a loop on one feature map, for a sampling profiler to split their
+time among the C++ functions (the torch profiler stops at the kernel call):
+
+    perf record -o phi.perf python -m benchmarks.kernel_profile --calls 150
+    perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
+
+One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
+its backward drawing eps again, the scale's features and their backward; the default map is resnet20's first
+stage (128 x 16 x 32 x 32, channels-first), one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from timm_metaperturb import MetaPerturb, phi_cpu
+from timm_metaperturb.phi_fused import NO_TABLE
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=150, help="training steps' worth of kernel calls")
+    parser.add_argument("--shape", default="128,16,32,32", help="the feature map, B,C,H,W")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    kernels = phi_cpu.cpu_kernels()
+    if kernels is None:
+        parser.error("φ's CPU kernels are switched off or cannot be built here: nothing to profile")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    phi = MetaPerturb().requires_grad_(False)
+    x = torch.randn(*map(int, args.shape.split(",")))
+    grad, s = torch.randn_like(x), torch.rand(x.shape[1])
+    weights, scale_kernels = phi._noise_weights(), phi.scale_kernels.float()
+    grad_features = torch.randn(x.shape[0], x.shape[1], phi.h_dim)
+    for _ in range(args.calls):
+        kernels.perturb_forward(x, None, 7, s, *weights, *NO_TABLE, 1.0, phi.clip, False)
+        kernels.perturb_backward(grad, x, None, 7, s, *weights, 1.0, phi.clip, False)
+        kernels.scale_features_forward(x, scale_kernels)
+        kernels.scale_features_backward(grad_features, x, scale_kernels, False)
+
+
+if __name__ == "__main__":
+    main()
