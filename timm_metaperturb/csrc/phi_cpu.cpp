@@ -264,6 +264,11 @@ struct Padded {
       : g(geometry), channels(ch), row((geometry.width + 2 * geometry.pad) * ch),
         data((geometry.height + 2 * geometry.pad) * row, 0.0f) {}
   const float* at(int64_t i, int64_t j) const { return data.data() + i * row + j * channels; }
+  // Where each of a k x k stencil's taps starts reading for output row i: taps[di * k + dj].
+  void row_taps(int64_t i, int64_t k, const float** taps) const {
+    for (int64_t di = 0; di < k; ++di)
+      for (int64_t dj = 0; dj < k; ++dj) taps[di * k + dj] = at(i + di, dj);
+  }
   void fill(const float* x) {
     for (int64_t i = 0; i < g.height; ++i)
       std::copy(x + i * g.width * channels, x + (i + 1) * g.width * channels,
@@ -281,8 +286,7 @@ void stencil_impl(const Padded& x, const float* w, float* __restrict y, bool fli
   for (int64_t d = 0; d < taps; ++d) wk[d] = flip ? w[taps - 1 - d] : w[d];
   std::vector<const float*> src(taps);
   for (int64_t i = 0; i < g.height; ++i) {
-    for (int64_t di = 0; di < K; ++di)
-      for (int64_t dj = 0; dj < K; ++dj) src[di * K + dj] = x.at(i + di, dj);
+    x.row_taps(i, K, src.data());
     float* __restrict yi = y + i * n;
     for (int64_t e = 0; e < n; ++e) {
       float sum = accumulate ? yi[e] : 0.0f;
@@ -505,8 +509,7 @@ class KernelGroups {
     const float* __restrict w2 = w1 + taps;
     const float* __restrict w3 = w2 + taps;
     const float** src = src_.data();
-    for (int64_t di = 0; di < K; ++di)
-      for (int64_t dj = 0; dj < K; ++dj) src[di * K + dj] = x.at(i + di, dj);
+    x.row_taps(i, K, src);
     for (int64_t e = 0; e < n; ++e) {
       float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
       for (int64_t d = 0; d < taps; ++d) {
