@@ -46,6 +46,7 @@ VARIANTS = {
 }
 EVAL_VARIANTS = ["fused", "kept"]  # the variants whose single pass differs (eps kept or redrawn: the same at eval)
 DEFAULT_VARIANT = "fused"
+NCHW = "plain NCHW"  # with --channels-last: the plain network in the default layout, for what NHWC gains
 
 
 class ReferencePerturbation(SiteModule):
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--profile", action="store_true", help="profile resnet20 at 32x32 instead of the table")
     parser.add_argument("--compile", action="store_true", help="add the eval forwards under torch.compile")
     parser.add_argument(
+        "--channels-last", action="store_true", help="networks and inputs channels-last (NHWC) instead of NCHW"
+    )
+    parser.add_argument(
         "--cuda-graph", action="store_true", help="add the training step captured in a CUDA graph (plain, fused φ)"
     )
     args = parser.parse_args(argv)
@@ -265,15 +269,24 @@ def main(argv: list[str] | None = None) -> str:
     repeats = 3 if args.quick else args.repeats
     phis, singles, default = list(VARIANTS), EVAL_VARIANTS, DEFAULT_VARIANT
     graphed = ("plain", default) if args.cuda_graph else ()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
     for name, size in CONFIGS:
-        x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+        x = torch.randn(args.batch_size, 3, size, size, device=args.device).contiguous(memory_format=layout)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-        models = {v: build(name, size, v).to(args.device) for v in ("plain", *phis, "reference")}
+        models = {v: build(name, size, v).to(args.device, memory_format=layout) for v in ("plain", *phis, "reference")}
         steps = {v: train_step_fn(m, x, y) for v, m in models.items()}
-        steps.update({f"{v} graphed": GraphedTrainStep(build(name, size, v).to(args.device), x, y) for v in graphed})
-        train = median_times(steps, repeats, device=args.device)
+        steps.update(
+            {
+                f"{v} graphed": GraphedTrainStep(build(name, size, v).to(args.device, memory_format=layout), x, y)
+                for v in graphed
+            }
+        )
         evals = {"plain": eval_fn(models["plain"], x)}
+        if args.channels_last:  # what the layout itself gains: the plain network as it runs by default
+            nchw = build(name, size, "plain").to(args.device)
+            steps[NCHW], evals[NCHW] = train_step_fn(nchw, x.contiguous(), y), eval_fn(nchw, x.contiguous())
+        train = median_times(steps, repeats, device=args.device)
         evals.update({f"single pass {v}": eval_fn(models[v], x, noise="mean") for v in singles})
         evals[f"MC-{args.mc_passes}"] = eval_fn(models[default], x, args.mc_passes, noise="sample")
         if args.compile:
@@ -286,12 +299,13 @@ def main(argv: list[str] | None = None) -> str:
     mc = f"MC-{args.mc_passes}"
     compiled = " plain eval compiled (s) | single pass compiled (x plain compiled) |" if args.compile else ""
     graph = " plain step in a CUDA graph (s) | fused φ step in a CUDA graph (x plain graphed) |" if graphed else ""
+    nchw_column = " plain NCHW step / eval (x plain NHWC) |" if args.channels_last else ""
     names = " / ".join(phis)
     lines = [
         f"| network | input | plain step (s) | project φ: {names} | reference φ | plain eval (s) | single pass: "
-        f"{' / '.join(singles)} | {mc} |{compiled}{graph} memory kept for backward, project {names} / reference "
-        "(x plain) |",
-        "|" + " --- |" * (9 + 2 * bool(args.compile) + 2 * bool(graphed)),
+        f"{' / '.join(singles)} | {mc} |{compiled}{graph}{nchw_column} memory kept for backward, project {names} / "
+        "reference (x plain) |",
+        "|" + " --- |" * (9 + 2 * bool(args.compile) + 2 * bool(graphed) + bool(args.channels_last)),
     ]
     for name, size, train, evaluation, memory in rows:
         step = " / ".join(f"{train[v] / train['plain']:.2f}x" for v in phis)
@@ -305,6 +319,8 @@ def main(argv: list[str] | None = None) -> str:
         if graphed:
             plain_graphed = train["plain graphed"]
             cells += f" {plain_graphed:.4f} | {train[f'{default} graphed'] / plain_graphed:.2f}x |"
+        if args.channels_last:
+            cells += f" {train[NCHW] / train['plain']:.2f}x / {ratio[NCHW]:.2f}x |"
         lines.append(
             f"| {name} | {size}x{size} | {train['plain']:.3f} | {step} | {train['reference'] / train['plain']:.2f}x | "
             f"{evaluation['plain']:.3f} | {single} | {ratio[mc]:.2f}x |{cells} {mem} |"
@@ -312,7 +328,8 @@ def main(argv: list[str] | None = None) -> str:
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
-        f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; medians of {repeats} "
+        f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; "
+        f"{'networks and inputs channels-last (NHWC)' if args.channels_last else 'NCHW'}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
         "backward, Adam. Project φ: fused = its fused kernels (the default: C++ on a CPU, `phi_cpu.py`; Triton on "
         "CUDA, `phi_cuda.py`; eps drawn again in the backward), kept / redrawn = on torch operators with eps kept "
@@ -334,7 +351,8 @@ def main(argv: list[str] | None = None) -> str:
         + "\n".join(lines)
     )
     print(text)
-    write_section("overhead" if args.device == "cpu" else f"overhead-{args.device}", text)
+    section = "overhead" if args.device == "cpu" else f"overhead-{args.device}"
+    write_section(section + ("-channels-last" if args.channels_last else ""), text)
     return text
 
 

@@ -80,6 +80,33 @@ def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):
     assert "| training images per class in each task | 5 |" in (out / "phi" / "README.md").read_text()
 
 
+def test_channels_last_meta_trains_the_same_phi(tmp_path, images):
+    from accelerate import Accelerator
+
+    from timm_metaperturb.meta_training import meta_train
+    from train.meta import parse_args
+
+    layouts = []
+
+    def record(module, args):
+        if isinstance(module, MetaPerturb):
+            layouts.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+
+    phis = {}
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        for name, flags in (("nchw", []), ("nhwc", ["--channels-last"])):
+            cfg = parse_args(["--dataset", images, *TINY, "--steps", "2", "--output", str(tmp_path / name), *flags])
+            meta_train(cfg, Accelerator(cpu=True))
+            phis[name] = _phi(tmp_path / name)
+    finally:
+        handle.remove()
+    half = len(layouts) // 2
+    assert half > 0 and not any(layouts[:half]) and all(layouts[half:]), "φ's maps: NCHW, then NHWC"
+    for k, v in phis["nchw"].items():
+        torch.testing.assert_close(phis["nhwc"][k], v, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

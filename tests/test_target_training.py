@@ -64,6 +64,30 @@ def test_each_method_changes_the_loss_and_trains(method, phi_dir):
     assert losses[-1] < losses[0]
 
 
+def test_channels_last_computes_the_same_network(tmp_path, phi_dir):
+    cfg = {**TINY, "model": "resnet20", "phi": phi_dir}
+    torch.manual_seed(0)
+    default, _ = build_model(TargetConfig(**cfg), 10)
+    torch.manual_seed(0)
+    nhwc, _ = build_model(TargetConfig(**cfg, channels_last=True), 10)
+    seen = []
+    get_injection(nhwc).phi.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    first_conv = [next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).weight for net in (default, nhwc)]
+    assert first_conv[0].is_contiguous() and first_conv[1].is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16)
+    for model in (default, nhwc):
+        set_eval_noise(model, "mean")
+        model.eval()
+    torch.testing.assert_close(nhwc(x), default(x), rtol=1e-4, atol=1e-5)
+    assert seen and all(h.is_contiguous(memory_format=torch.channels_last) for h in seen), "φ must see NHWC maps"
+
+    runs = [train_target(TargetConfig(**{**TINY, "phi": phi_dir, "channels_last": layout, "output": str(tmp_path / n)}))
+            for n, layout in (("nchw", False), ("nhwc", True))]  # fmt: skip
+    assert runs[1]["final"]["train_loss"] == pytest.approx(runs[0]["final"]["train_loss"], rel=1e-3)
+    weights = [timm_state(tmp_path / n / "network.safetensors") for n in ("nchw", "nhwc")]
+    assert weights[0].keys() == weights[1].keys()
+
+
 def test_annealing_reaches_one_at_40_percent(tmp_path, phi_dir):
     assert annealed_strength(0, 1000, 0.4) == 0.0
     assert annealed_strength(200, 1000, 0.4) == 0.5

@@ -6,6 +6,12 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
+# flags that several entry points share
+SHARED_HELP = {
+    "channels_last": "keep the network's maps channels-last (NHWC): on a CPU a resnet20 training step is about 20%% "
+    "faster, with or without φ (timm's resnet18: 7%% slower); same results up to float rounding",
+}
+
 
 def config_parser(config_cls: type, description: str, help: dict[str, str]) -> argparse.ArgumentParser:
     """One `--kebab-case` flag per field of `config_cls`, typed from its default (`--x/--no-x` for booleans)."""
@@ -14,7 +20,7 @@ def config_parser(config_cls: type, description: str, help: dict[str, str]) -> a
     for f in fields(config_cls):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        text = help.get(f.name, f"default: {default}")
+        text = help.get(f.name) or SHARED_HELP.get(f.name) or f"default: {default}"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:

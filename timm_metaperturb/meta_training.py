@@ -72,6 +72,7 @@ class MetaTrainConfig:
     log_every: int = 10
     report_to: str | None = None
     cpu: bool = False
+    channels_last: bool = False
 
     # the settings a resumed run must share with the run it continues
     RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "train_per_class", "model",
@@ -108,7 +109,9 @@ class TaskRunner:
         torch.manual_seed(seed_for(cfg.seed, "init", task.index))
         net = timm.create_model(cfg.model, num_classes=len(task.classes))
         size = (3, cfg.image_size, cfg.image_size)
-        self.net = inject_metaperturb(net, phi, placement=cfg.placement, input_size=size, train_phi=True).to(device)
+        layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.net = inject_metaperturb(net, phi, placement=cfg.placement, input_size=size, train_phi=True)
+        self.net.to(device, memory_format=layout)
         params = [p for n, p in self.net.named_parameters() if not n.startswith("metaperturb.")]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.images = {"train": data.images[task.train], "val": data.images[task.val]}

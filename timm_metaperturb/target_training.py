@@ -80,6 +80,7 @@ class TargetConfig:
     plots: bool = True
     progress: bool = True
     device: str = "cpu"
+    channels_last: bool = False
 
     def methods(self) -> list[str]:
         methods = [m.strip() for m in self.method.replace("+", ",").split(",") if m.strip()]
@@ -184,7 +185,8 @@ def load_initial_weights(model: nn.Module, path: str) -> list[str]:
 
 
 def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """The network with the chosen methods attached; returns it and {method: attached module}."""
+    """The network with the chosen methods attached, on cfg.device in cfg's memory layout; returns it and
+    {method: attached module}."""
     methods = cfg.methods()
     if not timm.is_model(cfg.model):
         raise ValueError(f"unknown model '{cfg.model}': pass a timm model name (see timm.list_models())")
@@ -206,6 +208,7 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
                 "manifold_mixup": {"alpha": cfg.mixup_alpha},
             }[method]
             attached[method] = add_regularizer(model, method, placement=cfg.placement, input_size=size, **options)
+    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return model, attached
 
 
@@ -289,7 +292,6 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     train, test = prepare_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(cfg, len(train.class_names))
-    model.to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = [round(float(f) * cfg.steps) for f in cfg.milestones.split(",") if f.strip()]
