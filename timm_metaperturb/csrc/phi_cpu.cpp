@@ -285,20 +285,52 @@ void stencil_impl(const Padded& x, const float* w, float* __restrict y, bool fli
                   const float* pixel_bias, bool relu) {
   const Geometry& g = x.g;
   const int64_t K = KT > 0 ? KT : g.ksize, taps = K * K, C = x.channels, n = g.width * C;
-  std::vector<float> wk(taps), start(n);
+  std::vector<float> wk(taps), start(2 * n);
   for (int64_t d = 0; d < taps; ++d) wk[d] = flip ? w[taps - 1 - d] : w[d];
-  std::vector<const float*> src(taps);
-  for (int64_t i = 0; i < g.height; ++i) {
-    x.row_taps(i, K, src.data());
-    float* __restrict yi = y + i * n;
-    float* __restrict si = start.data();
+  // row i's starting values: the bias broadcast over the channels, plus y's old values with `accumulate`
+  auto begin_row = [&](int64_t i, float* __restrict si) {
     if (pixel_bias != nullptr) {
       for (int64_t j = 0; j < g.width; ++j) std::fill_n(si + j * C, C, pixel_bias[i * g.width + j]);
     } else {
       std::fill_n(si, n, 0.0f);
     }
     if (accumulate)
-      for (int64_t e = 0; e < n; ++e) si[e] += yi[e];
+      for (int64_t e = 0; e < n; ++e) si[e] += y[i * n + e];
+  };
+  int64_t i = 0;
+  if constexpr (KT == 3) {  // two output rows at a time: they share two of their three input rows' loads
+    const float w0 = wk[0], w1 = wk[1], w2 = wk[2], w3 = wk[3], w4 = wk[4], w5 = wk[5], w6 = wk[6], w7 = wk[7],
+                w8 = wk[8];
+    for (; i + 1 < g.height; i += 2) {
+      float* __restrict s0 = start.data();
+      float* __restrict s1 = start.data() + n;
+      begin_row(i, s0);
+      begin_row(i + 1, s1);
+      const float* __restrict r0 = x.at(i, 0);
+      const float* __restrict r1 = x.at(i + 1, 0);
+      const float* __restrict r2 = x.at(i + 2, 0);
+      const float* __restrict r3 = x.at(i + 3, 0);
+      float* __restrict y0 = y + i * n;
+      float* __restrict y1 = y0 + n;
+#pragma omp simd
+      for (int64_t e = 0; e < n; ++e) {
+        const float a1 = r1[e], b1 = r1[e + C], c1 = r1[e + 2 * C];
+        const float a2 = r2[e], b2 = r2[e + C], c2 = r2[e + 2 * C];
+        float v0 = s0[e] + w0 * r0[e] + w1 * r0[e + C] + w2 * r0[e + 2 * C];
+        float v1 = s1[e] + w0 * a1 + w1 * b1 + w2 * c1;
+        v0 += w3 * a1 + w4 * b1 + w5 * c1 + w6 * a2 + w7 * b2 + w8 * c2;
+        v1 += w3 * a2 + w4 * b2 + w5 * c2 + w6 * r3[e] + w7 * r3[e + C] + w8 * r3[e + 2 * C];
+        y0[e] = relu && v0 < 0.0f ? 0.0f : v0;  // NaN kept, as torch's relu keeps it
+        y1[e] = relu && v1 < 0.0f ? 0.0f : v1;
+      }
+    }
+  }
+  std::vector<const float*> src(taps);
+  for (; i < g.height; ++i) {
+    float* __restrict si = start.data();
+    begin_row(i, si);
+    x.row_taps(i, K, src.data());
+    float* __restrict yi = y + i * n;
     for (int64_t e = 0; e < n; ++e) {
       float sum = si[e];
       for (int64_t d = 0; d < taps; ++d) sum += wk[d] * src[d][e];
