@@ -9,7 +9,7 @@ from typing import Any
 # flags that several entry points share
 SHARED_HELP = {
     "channels_last": "keep the network's maps channels-last (NHWC): on a CPU a resnet20 training step is 12-22%% "
-    "faster, with or without φ (timm's resnet18: 7-10%% slower); same results up to float rounding",
+    "faster, with or without φ (timm's resnet18: 7-11%% slower); same results up to float rounding",
 }
 
 
