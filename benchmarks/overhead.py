@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> str:
         )
         evals = {"plain": eval_fn(models["plain"], x)}
         if args.channels_last:  # what the layout itself gains: the plain network as it runs by default
-            nchw = build(name, size, "plain").to(args.device)
-            steps[NCHW], evals[NCHW] = train_step_fn(nchw, x.contiguous(), y), eval_fn(nchw, x.contiguous())
+            nchw, x_nchw = build(name, size, "plain").to(args.device), x.contiguous()
+            steps[NCHW], evals[NCHW] = train_step_fn(nchw, x_nchw, y), eval_fn(nchw, x_nchw)
         train = median_times(steps, repeats, device=args.device)
         evals.update({f"single pass {v}": eval_fn(models[v], x, noise="mean") for v in singles})
         evals[f"MC-{args.mc_passes}"] = eval_fn(models[default], x, args.mc_passes, noise="sample")
