@@ -5,6 +5,7 @@
     python -m benchmarks.transfer --regime    # base vs MetaPerturb at 20, 50, 100, 500 images per class
     python -m benchmarks.transfer --ablation  # what each part of MetaPerturb contributes (resnet20, Fashion-MNIST)
     python -m benchmarks.transfer --phi-row meta150=outputs/meta-150/phi   # a row for another φ
+    python -m benchmarks.transfer --rows base,metaperturb+manifold_mixup   # a combination row: do they add up?
 
 Each run is one `train/target.py` process (one worker per core, the cores shared out), its JSON written to
 benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, so an interrupted table
@@ -140,6 +141,12 @@ def rows(authors_phi: Path | None, phis: dict[str, str], ablation: bool) -> dict
     return table
 
 
+def is_combination(row: str) -> bool:
+    """A row like metaperturb+manifold_mixup: two or more of the table's methods trained together (the shipped φ)."""
+    methods = row.split("+")
+    return len(methods) > 1 and len(set(methods)) == len(methods) and set(methods) <= {*BASELINES[1:], "metaperturb"}
+
+
 def run_dir(runs: Path, cell: tuple[str, str], row: str, seed: int) -> Path:
     return runs / f"{cell[0]}-{cell[1]}" / row / f"seed{seed}"
 
@@ -237,8 +244,12 @@ def main(argv: list[str] | None = None) -> str:
     table_rows = rows(authors, phis, args.ablation)
     if args.rows:
         wanted_rows = args.rows.split(",")
+        table_rows.update({row: ["--method", row] for row in wanted_rows if is_combination(row)})
         if set(wanted_rows) - set(table_rows):
-            parser.error(f"unknown rows {set(wanted_rows) - set(table_rows)}; choose from {', '.join(table_rows)}")
+            parser.error(
+                f"unknown rows {set(wanted_rows) - set(table_rows)}; choose from {', '.join(table_rows)}, or "
+                "combine methods with +, e.g. metaperturb+manifold_mixup"
+            )
         table_rows = {k: v for k, v in table_rows.items() if k in wanted_rows}
     # every evaluation the table reads comes from --final-modes; the run's own final one is a single sampled pass
     common = ["--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-noise", "sample",

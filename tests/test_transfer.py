@@ -40,10 +40,21 @@ def test_transfer_driver_tabulates_every_mode_and_resumes(tmp_path):
 
 
 def test_transfer_driver_rejects_unknown_cells_and_rows(tmp_path, capsys):
-    for wrong in (["--cells", "cifar:resnet20"], ["--rows", "dropout"]):
+    wrong_rows = ("dropout", "base+metaperturb", "metaperturb+metaperturb", "metaperturb+dropout")
+    for wrong in (["--cells", "cifar:resnet20"], *(["--rows", row] for row in wrong_rows)):
         with pytest.raises(SystemExit):
             main([*wrong, "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])
         assert "unknown" in capsys.readouterr().err
+
+
+def test_combination_rows_train_the_methods_together(tmp_path):
+    """A row named a+b trains the network with both methods and is tabulated like any other row."""
+    text = main(["--cells", "digits:conv4", "--rows", "metaperturb+manifold_mixup", "--seeds", "0", "--steps", "2",
+                 "--modes", "mean-bn", "--workers", "1", "--runs-dir", str(tmp_path), "--results",
+                 str(tmp_path / "R.md")])  # fmt: skip
+    run = json.loads((run_dir(tmp_path, ("digits", "conv4"), "metaperturb+manifold_mixup", 0) / "run.json").read_text())
+    assert run["methods"] == ["metaperturb", "manifold_mixup"]
+    assert "| metaperturb+manifold_mixup | mean-bn |" in text
 
 
 def test_regime_cells_and_plot(tmp_path):
