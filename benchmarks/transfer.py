@@ -179,18 +179,23 @@ def cell_table(runs: Path, cell: tuple[str, str], names: list[str], seeds: list[
 
 
 def summary(runs: Path, cells: list[tuple[str, str]], names: list[str], seeds: list[int]) -> str:
-    """Mean accuracy over the cells where a row and evaluation finished everywhere, and its gain over base."""
-    per_row: dict[tuple[str, str], list[float]] = {}
+    """Mean accuracy of each row and evaluation over the cells where it finished, and its gain over base's
+    on those same cells (a row missing a cell is compared like for like, not left out)."""
+    per_row: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
     for cell in cells:
         for row in names:
             for mode, metrics in results(runs, cell, row, seeds).items():
-                per_row.setdefault((row, mode), []).append(statistics.mean(m["accuracy"] for m in metrics))
-    complete = {k: v for k, v in per_row.items() if len(v) == len(cells)}
-    base = complete.get(("base", "final"))
-    lines = ["| row | evaluation | mean accuracy over cells (%) | minus base |", "| --- | --- | --- | --- |"]
-    for (row, mode), accs in complete.items():
-        gain = f"{statistics.mean(accs) - statistics.mean(base):+.2f}" if base else "–"
-        lines.append(f"| {row} | {mode} | {statistics.mean(accs):.2f} | {gain} |")
+                per_row.setdefault((row, mode), {})[cell] = statistics.mean(m["accuracy"] for m in metrics)
+    base = per_row.get(("base", "final"), {})
+    lines = [
+        "| row | evaluation | mean accuracy over cells (%) | minus base | cells |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (row, mode), accs in per_row.items():
+        shared = [cell for cell in accs if cell in base]
+        gain = statistics.mean(accs[c] - base[c] for c in shared) if shared else None
+        gain_text = "–" if gain is None else f"{gain:+.2f}" + ("" if len(shared) == len(accs) else f" ({len(shared)})")
+        lines.append(f"| {row} | {mode} | {statistics.mean(accs.values()):.2f} | {gain_text} | {len(accs)} |")
     return "\n".join(lines)
 
 
