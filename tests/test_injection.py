@@ -26,6 +26,10 @@ MODELS = {
     "convnext_atto": (lambda: timm.create_model("convnext_atto"), 64, 12, "group_matcher", ("stages.0.blocks.0", "stages.0.blocks.0", "output", 1)),
     "regnetx_002": (lambda: timm.create_model("regnetx_002"), 64, 13, "group_matcher", ("s1.b1", "s1.b1.act3", "input", 1)),
     "densenet121": (lambda: timm.create_model("densenet121"), 64, 58, "group_matcher", ("features.denseblock1.denselayer1", "features.denseblock1.denselayer1", "output", 1)),
+    "inception_v3": (lambda: timm.create_model("inception_v3"), 107, 11, "group_matcher", ("Mixed_5b", "Mixed_5b", "output", 1)),
+    "selecsls42b": (lambda: timm.create_model("selecsls42b"), 64, 6, "group_matcher", ("features.0", "features.0.conv6.2", "input", 1)),
+    "mambaout_femto": (lambda: timm.create_model("mambaout_femto", depths=(2, 2, 2, 2)), 64, 8, "group_matcher", ("stages.0.blocks.0", "stages.0.blocks.0", "output", 1)),
+    "hrnet_w18_small": (lambda: timm.create_model("hrnet_w18_small"), 64, 52, "containers", ("layer1.0", "layer1.0.act3", "input", 1)),
     "vgg11_bn": (lambda: timm.create_model("vgg11_bn"), 64, 8, "conv_runs", ("features.0", "features.2", "input", 1)),
     "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "containers", ("layer1.0", "layer1.0.relu", "input", 2)),
     "sequential_cnn": (small_cnn, 32, 2, "conv_runs", ("0", "2", "input", 1)),
@@ -226,6 +230,74 @@ def test_user_given_blocks(phi):
         inject_metaperturb(timm.create_model("resnet18"), phi, blocks=["layer1", "layer1.0"])
     with pytest.raises(NoBlocksError, match="matched no module"):
         inject_metaperturb(timm.create_model("resnet18"), phi, blocks=r"nothing\d")
+
+
+def test_concatenating_blocks_are_perturbed_at_their_output(phi):
+    """An Inception block's last activation closes only its last branch: φ goes on the concatenation."""
+    sites = get_injection(inject_metaperturb(timm.create_model("inception_v4"), phi, input_size=(3, 75, 75))).site_list
+    mixed = {s.name: s for s in sites if s.name in ("features.3", "features.4", "features.5")}
+    assert [(s.target, s.position, s.channels) for s in mixed.values()] == [
+        ("features.3", "output", 160),
+        ("features.4", "output", 192),
+        ("features.5", "output", 384),
+    ]
+
+
+def test_blocks_the_forward_does_not_run_are_left_out(phi):
+    model = timm.create_model("hrnet_w18_small")  # its downsamp_modules serve another head
+    sites = get_injection(inject_metaperturb(model, phi, input_size=(3, 64, 64))).site_list
+    assert sites and not any(s.name.startswith("downsamp_modules") for s in sites)
+    with pytest.raises(ValueError, match=r"'downsamp_modules.0' of HighResolutionNet did not run"):
+        inject_metaperturb(
+            timm.create_model("hrnet_w18_small"), phi, blocks=["downsamp_modules.0"], input_size=(3, 64, 64)
+        )
+
+
+def test_hybrid_network_keeps_its_transformer_stage_unperturbed_with_a_warning(phi):
+    model = timm.create_model("efficientformer_l1")
+    with pytest.warns(UserWarning, match=r"leaves out 1 block\(s\) of EfficientFormer.*'stages.3'.*\(2, 49, 448\)"):
+        inject_metaperturb(model, phi)
+    assert [s.name for s in get_injection(model).site_list] == ["stages.0", "stages.1", "stages.2"]
+
+
+class _ChannelsLastBlock(torch.nn.Module):
+    """A (B, H, W, C) block, as MambaOut's: a residual Linear over the last dimension."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(channels), torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class _ChannelsLastNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_ChannelsLastBlock(8), _ChannelsLastBlock(8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_channels_last_maps_are_perturbed_per_channel(phi):
+    model = inject_metaperturb(_ChannelsLastNet(), phi, blocks=r"blocks\.\d", input_size=(3, 6, 5))
+    injection = get_injection(model)
+    assert [(s.channels, s.channels_dim) for s in injection.site_list] == [(8, 3), (8, 3)]
+    model.train()
+    model(torch.randn(4, 3, 6, 5)).sum().backward()
+    assert all(stats.running_mean.shape[0] == 8 for stats in injection.sites.values())
+
+    set_eval_noise(model.eval(), "mean")
+    x = torch.randn(3, 3, 6, 5)
+    with torch.no_grad():
+        h = model.stem(x).permute(0, 2, 3, 1)
+        for site, block in zip(injection.site_list, model.blocks, strict=True):
+            out = block.forward(h)  # without the hook
+            h = injection.perturb(site, out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # φ on (B, C, H, W)
+        torch.testing.assert_close(model(x), model.head(h.mean((1, 2))))
 
 
 def test_vit_gets_a_clear_error(phi):

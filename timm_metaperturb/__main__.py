@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [("site", "perturbs", "channels", "rule")]
     for s in sites:
         where = f"input of {s.target}" + (f" (call {s.call})" if s.call > 1 else "")
-        rows.append((s.name, where if s.position == "input" else f"output of {s.target}", str(s.channels), s.rule))
+        channels = f"{s.channels}" + (" (last dim)" if s.channels_dim != 1 else "")
+        rows.append((s.name, where if s.position == "input" else f"output of {s.target}", channels, s.rule))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

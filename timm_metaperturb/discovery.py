@@ -3,7 +3,8 @@
 Blocks are found by the first of these rules that finds any (or taken from the user's `blocks=`):
 
 1. `group_matcher`: a timm model's `group_matcher(coarse=False)["blocks"]` patterns that stand for repeated
-   blocks (ordinal None), keeping the matched modules that hold a Conv2d and have children.
+   blocks (ordinal None), keeping the matched modules that hold a Conv2d and have children; where the matcher
+   is a function of module names (inception_v3), the deepest module holding each of its groups.
 2. `containers`: modules with children that hold a Conv2d and sit in an nn.Sequential / ModuleList /
    ModuleDict (the way torchvision and hand-written networks stack blocks), innermost ones only.
 3. `conv_runs`: in a flat nn.Sequential (VGG, hand-written stacks) or directly in the model, each Conv2d with
@@ -15,11 +16,19 @@ authors' choice: after the residual addition, before the block's final ReLU) φ 
 block's closing activation, that is the last activation run in the block when only parameter-free layers
 (pooling, dropout, identity) follow it, and the block's output when there is none. `placement="output"`
 always perturbs the block's output.
+
+Blocks found by the rules that the probe's forward does not run (unused heads, training-only branches) are left
+out, and so, with a warning, are those with no (B, C, H, W) feature map to perturb (a hybrid network's
+transformer stage); blocks given by the user must all qualify. A map whose channels lie in its last dimension,
+(B, H, W, C) (MambaOut), is recognised by the features of the last layer that made it and perturbed as the
+(B, C, H, W) map it is.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +46,8 @@ ACTIVATION_MODULES = (
 NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
 
 BlocksSpec = str | Sequence[str] | type | tuple[type, ...] | None
+
+logger = logging.getLogger(__name__)
 
 
 class NoBlocksError(ValueError):
@@ -63,6 +74,7 @@ class Site:
     scope: tuple[str, str]
     channels: int
     rule: str
+    channels_dim: int = 1  # 3 for a (B, H, W, C) map, which the hooks hand over as (B, C, H, W)
 
     @property
     def key(self) -> str:
@@ -110,15 +122,39 @@ def _group_matcher_blocks(model: nn.Module) -> list[str]:
         groups = matcher(coarse=False)
     except Exception:  # a family whose matcher needs other arguments: the next rule decides
         return []
+    if callable(groups):
+        return _matcher_function_blocks(model, groups)
     spec = groups.get("blocks") if isinstance(groups, dict) else None
     if isinstance(spec, str):
         patterns = [spec]
     elif isinstance(spec, (list, tuple)):
         patterns = [p[0] for p in spec if isinstance(p, (list, tuple)) and len(p) == 2 and p[1] is None]
-    else:  # a callable (inception_v3) or no "blocks" key (hrnet's "block_types")
+    else:  # no "blocks" key (hrnet's "block_types")
         return []
     names = [n for n, m in model.named_modules() if n and _is_block(m) and any(_full_match(p, n) for p in patterns)]
     return _innermost(names)
+
+
+def _matcher_function_blocks(model: nn.Module, group_of: object) -> list[str]:
+    """Blocks from a matcher that maps module names to group ids: the deepest module holding all of a group's
+    modules, where that is a conv-holding module below the root (a stem's layers share only the root)."""
+    groups: dict[object, list[str]] = {}
+    for name, module in model.named_modules():
+        if name and next(module.parameters(recurse=False), None) is not None:
+            groups.setdefault(group_of(name), []).append(name)
+    modules = dict(model.named_modules())
+    ancestors = [_common_ancestor(members) for members in groups.values()]
+    return _innermost([n for n in ancestors if n and _is_block(modules[n])])
+
+
+def _common_ancestor(names: list[str]) -> str:
+    """The deepest module name that is, or contains, every one of `names` ("" for the root)."""
+    common = []
+    for level in zip(*(n.split(".") for n in names), strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def _container_blocks(model: nn.Module) -> list[str]:
@@ -289,15 +325,55 @@ def _probe(model: nn.Module, scopes: list[Scope], input_size: tuple[int, ...]) -
 
 
 def _closing_activation(leaves: list[tuple[str, tuple | None]], modules: dict[str, nn.Module]):
-    """(name, call, input shape) of the last activation run, if only parameter-free leaves run after it."""
+    """(index in leaves, call) of the last activation run, if only parameter-free leaves run after it."""
     for i in range(len(leaves) - 1, -1, -1):
-        name, in_shape = leaves[i]
+        name = leaves[i][0]
         if is_activation(modules[name]):
-            call = sum(1 for n, _ in leaves[: i + 1] if n == name)
-            return name, call, in_shape
+            return i, sum(1 for n, _ in leaves[: i + 1] if n == name)
         if _has_state(modules[name]):
             return None
     return None
+
+
+def _features(module: nn.Module) -> int | None:
+    """How many features a layer's output holds, in the dimension it keeps them in."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return module.normalized_shape[-1]
+    return getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+
+
+def _channels_dim(shape: tuple, leaves: list[tuple[str, tuple | None]], modules: dict[str, nn.Module]) -> int:
+    """3 where the 4-D map of `shape` keeps its channels last: the last layer with parameters that ran before
+    it has as many features as the map's last dimension and not as its second (a Linear on (B, H, W, C))."""
+    features = next((_features(modules[n]) for n, _ in reversed(leaves) if _has_state(modules[n])), None)
+    return 3 if features is not None and shape[1] != features and shape[-1] == features else 1
+
+
+def _makes_output(shape: tuple | None, output: object) -> bool:
+    """Whether a 4-D map of `shape` can be the block's output, or one of its outputs, up to pooling after it (the
+    same batch and channels): the closing activation of a block that concatenates branches (Inception) is only
+    its last branch's."""
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    return shape is not None and len(shape) == 4 and any(_shape(o) and _shape(o)[:2] == shape[:2] for o in outputs)
+
+
+def _place(scope: Scope, record: _ScopeRecord, modules: dict[str, nn.Module], placement: str, rule: str):
+    """The block's site: before its closing activation (pre_activation) where that reads the block's 4-D map,
+    else at its output where that is 4-D; None where neither is."""
+    closing = _closing_activation(record.leaves, modules) if placement == "pre_activation" else None
+    if closing is not None and _makes_output(record.leaves[closing[0]][1], record.output):
+        (target, shape), call, position = record.leaves[closing[0]], closing[1], "input"
+        before = record.leaves[: closing[0]]
+    else:
+        target, shape, call, position, before = scope.modules[-1], _shape(record.output), 1, "output", record.leaves
+        if shape is None or len(shape) != 4:
+            return None
+    dim = _channels_dim(shape, before, modules)
+    return Site(scope.name, target, position, call, (scope.modules[0], scope.modules[-1]), shape[dim], rule, dim)
 
 
 def discover_sites(
@@ -313,27 +389,38 @@ def discover_sites(
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     records = _probe(model, scopes, input_size)
     modules = dict(model.named_modules())
-    sites = []
+    kind = type(model).__name__
+    sites, not_run, no_map = [], [], []
     for s in scopes:
         record = records[s.name]
-        if not record.done:
-            raise ValueError(
-                f"block '{s.name}' of {type(model).__name__} did not run in a forward pass; pass blocks= with "
-                "modules that the forward uses"
-            )
-        out_shape = _shape(record.output)
-        if out_shape is None or len(out_shape) != 4:
-            raise ValueError(
-                f"block '{s.name}' ({type(modules[s.modules[-1]]).__name__}) outputs "
-                f"{out_shape or type(record.output).__name__}, not a (B, C, H, W) feature map: MetaPerturb perturbs "
-                "convolutional feature maps; pass blocks= with modules whose outputs are 4-D"
-            )
-        closing = _closing_activation(record.leaves, modules) if placement == "pre_activation" else None
-        if closing is not None and closing[2] is not None and len(closing[2]) == 4:
-            target, call, shape, position = closing[0], closing[1], closing[2], "input"
+        site = _place(s, record, modules, placement, rule) if record.done else None
+        if site is not None:
+            sites.append(site)
+        elif not record.done:
+            not_run.append(s.name)
         else:
-            target, call, shape, position = s.modules[-1], 1, out_shape, "output"
-        sites.append(Site(s.name, target, position, call, (s.modules[0], s.modules[-1]), shape[1], rule))
+            out = _shape(record.output) or type(record.output).__name__
+            no_map.append(f"'{s.name}' ({type(modules[s.modules[-1]]).__name__}) outputs {out}")
+    if rule == "given" and not_run:
+        raise ValueError(
+            f"block '{not_run[0]}' of {kind} did not run in a forward pass; pass blocks= with modules that the "
+            "forward uses"
+        )
+    if (rule == "given" or not sites) and no_map:
+        raise (ValueError if rule == "given" else NoBlocksError)(
+            f"block {no_map[0]}, not a (B, C, H, W) feature map: MetaPerturb perturbs convolutional feature maps; "
+            "pass blocks= with modules whose outputs are 4-D"
+        )
+    if not sites:
+        raise NoBlocksError(f"none of the blocks of {kind} ran in a forward pass: {not_run}; pass blocks=")
+    if not_run:
+        logger.info("%s: blocks left out, the forward does not run them: %s", kind, ", ".join(not_run))
+    if no_map:
+        warnings.warn(
+            f"MetaPerturb leaves out {len(no_map)} block(s) of {kind} with no (B, C, H, W) feature map to perturb: "
+            f"{'; '.join(no_map)}. The other {len(sites)} blocks are perturbed.",
+            stacklevel=3,
+        )
     keys = [site.key for site in sites]
     if len(set(keys)) != len(keys):
         raise ValueError(f"two sites share a key after replacing dots by underscores: {keys}")

@@ -48,6 +48,14 @@ class SiteModule(nn.Module):
             ]
 
 
+def _perturb(owner: SiteModule, site: Site, h: torch.Tensor) -> torch.Tensor:
+    """The owner perturbs h as the (B, C, H, W) map it is, whichever dimension holds its channels (a view, no
+    copy: a (B, H, W, C) map reaches the owner channels-last)."""
+    if site.channels_dim == 1:
+        return owner.perturb(site, h)
+    return owner.perturb(site, h.movedim(site.channels_dim, 1)).movedim(1, site.channels_dim)
+
+
 class _PerturbOutput:
     """Forward hook: the owner perturbs the module's output."""
 
@@ -55,7 +63,7 @@ class _PerturbOutput:
         self.owner, self.site = owner, site
 
     def __call__(self, module, args, output):
-        return self.owner.perturb(self.site, output)
+        return _perturb(self.owner, self.site, output)
 
 
 class _PerturbInput:
@@ -68,7 +76,7 @@ class _PerturbInput:
     def __call__(self, module, args):
         self.calls += 1
         if self.calls == self.site.call:
-            return (self.owner.perturb(self.site, args[0]), *args[1:])
+            return (_perturb(self.owner, self.site, args[0]), *args[1:])
         return None
 
 
