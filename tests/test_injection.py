@@ -31,7 +31,9 @@ MODELS = {
     "mambaout_femto": (lambda: timm.create_model("mambaout_femto", depths=(2, 2, 2, 2)), 64, 8, "group_matcher", ("stages.0.blocks.0", "stages.0.blocks.0", "output", 1)),
     "hrnet_w18_small": (lambda: timm.create_model("hrnet_w18_small"), 64, 52, "containers", ("layer1.0", "layer1.0.act3", "input", 1)),
     "vgg11_bn": (lambda: timm.create_model("vgg11_bn"), 64, 8, "conv_runs", ("features.0", "features.2", "input", 1)),
-    "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "containers", ("layer1.0", "layer1.0.relu", "input", 2)),
+    "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "torchvision", ("layer1.0", "layer1.0.relu", "input", 2)),
+    "torchvision_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64, 17, "torchvision", ("features.1", "features.1", "output", 1)),
+    "torchvision_googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False), 64, 9, "torchvision", ("inception3a", "inception3a", "output", 1)),
     "sequential_cnn": (small_cnn, 32, 2, "conv_runs", ("0", "2", "input", 1)),
 }  # fmt: skip
 

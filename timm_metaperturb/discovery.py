@@ -5,9 +5,11 @@ Blocks are found by the first of these rules that finds any (or taken from the u
 1. `group_matcher`: a timm model's `group_matcher(coarse=False)["blocks"]` patterns that stand for repeated
    blocks (ordinal None), keeping the matched modules that hold a Conv2d and have children; where the matcher
    is a function of module names (inception_v3), the deepest module holding each of its groups.
-2. `containers`: modules with children that hold a Conv2d and sit in an nn.Sequential / ModuleList /
+2. `torchvision`: in a torchvision classification network (which has no group_matcher), its own block classes
+   (`TORCHVISION_BLOCKS`), named the way PEFT names its target modules per architecture.
+3. `containers`: modules with children that hold a Conv2d and sit in an nn.Sequential / ModuleList /
    ModuleDict (the way torchvision and hand-written networks stack blocks), innermost ones only.
-3. `conv_runs`: in a flat nn.Sequential (VGG, hand-written stacks) or directly in the model, each Conv2d with
+4. `conv_runs`: in a flat nn.Sequential (VGG, hand-written stacks) or directly in the model, each Conv2d with
    the norm and activation layers that follow it is one block.
 
 A probe forward (batch of 2, eval mode, no grad, its own random generator) then records, for every block,
@@ -46,6 +48,22 @@ ACTIVATION_MODULES = (
 NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
 
 BlocksSpec = str | Sequence[str] | type | tuple[type, ...] | None
+
+# torchvision network class -> the classes of its blocks (the stems, transitions and SE layers are not blocks)
+TORCHVISION_BLOCKS = {
+    "ResNet": ("BasicBlock", "Bottleneck"),
+    "MobileNetV2": ("InvertedResidual",),
+    "MobileNetV3": ("InvertedResidual",),
+    "EfficientNet": ("MBConv", "FusedMBConv"),
+    "GoogLeNet": ("Inception",),
+    "Inception3": ("InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE"),
+    "DenseNet": ("_DenseLayer",),
+    "RegNet": ("ResBottleneckBlock",),
+    "ShuffleNetV2": ("InvertedResidual",),
+    "MNASNet": ("_InvertedResidual",),
+    "ConvNeXt": ("CNBlock",),
+    "SqueezeNet": ("Fire",),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +175,15 @@ def _common_ancestor(names: list[str]) -> str:
     return ".".join(common)
 
 
+def _is_torchvision(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torchvision.models.")
+
+
+def _torchvision_blocks(model: nn.Module) -> list[str]:
+    kinds = TORCHVISION_BLOCKS.get(type(model).__name__, ()) if _is_torchvision(model) else ()
+    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _is_torchvision(m)]
+
+
 def _container_blocks(model: nn.Module) -> list[str]:
     names = [
         f"{parent_name}.{child_name}" if parent_name else child_name
@@ -217,7 +244,12 @@ def find_block_scopes(model: nn.Module, blocks: BlocksSpec = None) -> tuple[list
     """The blocks of `model` and the name of the rule that found them (see the module docstring)."""
     if blocks is not None:
         return [Scope(n, (n,)) for n in _user_blocks(model, blocks)], "given"
-    for rule, find in (("group_matcher", _group_matcher_blocks), ("containers", _container_blocks)):
+    rules = (
+        ("group_matcher", _group_matcher_blocks),
+        ("torchvision", _torchvision_blocks),
+        ("containers", _container_blocks),
+    )
+    for rule, find in rules:
         names = find(model)
         if names:
             return [Scope(n, (n,)) for n in names], rule
