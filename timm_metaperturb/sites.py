@@ -16,7 +16,7 @@ from .discovery import Site
 
 
 class SiteModule(nn.Module):
-    """Base of what is applied at sites. Subclasses implement `perturb(site, h)`.
+    """Base of what is applied at sites. Subclasses implement `perturb(site, h)`, h a (B, C, H, W) map.
 
     Its forward passes its input through unchanged, so that an nn.Sequential network, which runs every child
     in turn, keeps computing what it computed before (an attached module comes last). A checkpoint of the
