@@ -234,6 +234,15 @@ def test_user_given_blocks(phi):
         inject_metaperturb(timm.create_model("resnet18"), phi, blocks=r"nothing\d")
 
 
+def test_subclass_of_a_torchvision_network_keeps_its_blocks(phi):
+    class TinyResNet(torchvision.models.ResNet):  # a user's own variant
+        def __init__(self) -> None:
+            super().__init__(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3)
+
+    sites = get_injection(inject_metaperturb(TinyResNet(), phi, input_size=(3, 32, 32))).site_list
+    assert [(s.name, s.rule) for s in sites] == [(f"layer{i}.0", "torchvision") for i in range(1, 5)]
+
+
 def test_concatenating_blocks_are_perturbed_at_their_output(phi):
     """An Inception block's last activation closes only its last branch: φ goes on the concatenation."""
     sites = get_injection(inject_metaperturb(timm.create_model("inception_v4"), phi, input_size=(3, 75, 75))).site_list

@@ -180,7 +180,9 @@ def _is_torchvision(module: nn.Module) -> bool:
 
 
 def _torchvision_blocks(model: nn.Module) -> list[str]:
-    kinds = TORCHVISION_BLOCKS.get(type(model).__name__, ()) if _is_torchvision(model) else ()
+    """The blocks of a torchvision network, or of a network subclassing one."""
+    networks = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("torchvision.models.")]
+    kinds = next((TORCHVISION_BLOCKS[n] for n in networks if n in TORCHVISION_BLOCKS), ())
     return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _is_torchvision(m)]
 
 
