@@ -175,15 +175,15 @@ def _common_ancestor(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _is_torchvision(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torchvision.models.")
+def _is_torchvision(cls: type) -> bool:
+    return cls.__module__.startswith("torchvision.models.")
 
 
 def _torchvision_blocks(model: nn.Module) -> list[str]:
     """The blocks of a torchvision network, or of a network subclassing one."""
-    networks = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("torchvision.models.")]
+    networks = [c.__name__ for c in type(model).__mro__ if _is_torchvision(c)]
     kinds = next((TORCHVISION_BLOCKS[n] for n in networks if n in TORCHVISION_BLOCKS), ())
-    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _is_torchvision(m)]
+    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _is_torchvision(type(m))]
 
 
 def _container_blocks(model: nn.Module) -> list[str]:
@@ -392,7 +392,8 @@ def _makes_output(shape: tuple | None, output: object) -> bool:
     same batch and channels): the closing activation of a block that concatenates branches (Inception) is only
     its last branch's."""
     outputs = output if isinstance(output, (list, tuple)) else [output]
-    return shape is not None and len(shape) == 4 and any(_shape(o) and _shape(o)[:2] == shape[:2] for o in outputs)
+    shapes = [_shape(o) for o in outputs]
+    return shape is not None and len(shape) == 4 and any(s is not None and s[:2] == shape[:2] for s in shapes)
 
 
 def _place(scope: Scope, record: _ScopeRecord, modules: dict[str, nn.Module], placement: str, rule: str):
