@@ -29,11 +29,11 @@ MODELS = {
     "inception_v3": (lambda: timm.create_model("inception_v3"), 107, 11, "group_matcher", ("Mixed_5b", "Mixed_5b", "output", 1)),
     "selecsls42b": (lambda: timm.create_model("selecsls42b"), 64, 6, "group_matcher", ("features.0", "features.0.conv6.2", "input", 1)),
     "mambaout_femto": (lambda: timm.create_model("mambaout_femto", depths=(2, 2, 2, 2)), 64, 8, "group_matcher", ("stages.0.blocks.0", "stages.0.blocks.0", "output", 1)),
-    "hrnet_w18_small": (lambda: timm.create_model("hrnet_w18_small"), 64, 52, "containers", ("layer1.0", "layer1.0.act3", "input", 1)),
+    "hrnet_w18_small": (lambda: timm.create_model("hrnet_w18_small"), 64, 23, "block_classes", ("layer1.0", "layer1.0.act3", "input", 1)),
     "vgg11_bn": (lambda: timm.create_model("vgg11_bn"), 64, 8, "conv_runs", ("features.0", "features.2", "input", 1)),
-    "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "torchvision", ("layer1.0", "layer1.0.relu", "input", 2)),
-    "torchvision_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64, 17, "torchvision", ("features.1", "features.1", "output", 1)),
-    "torchvision_googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False), 64, 9, "torchvision", ("inception3a", "inception3a", "output", 1)),
+    "torchvision_resnet18": (lambda: torchvision.models.resnet18(), 64, 8, "block_classes", ("layer1.0", "layer1.0.relu", "input", 2)),
+    "torchvision_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64, 17, "block_classes", ("features.1", "features.1", "output", 1)),
+    "torchvision_googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False), 64, 9, "block_classes", ("inception3a", "inception3a", "output", 1)),
     "sequential_cnn": (small_cnn, 32, 2, "conv_runs", ("0", "2", "input", 1)),
 }  # fmt: skip
 
@@ -240,7 +240,7 @@ def test_subclass_of_a_torchvision_network_keeps_its_blocks(phi):
             super().__init__(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3)
 
     sites = get_injection(inject_metaperturb(TinyResNet(), phi, input_size=(3, 32, 32))).site_list
-    assert [(s.name, s.rule) for s in sites] == [(f"layer{i}.0", "torchvision") for i in range(1, 5)]
+    assert [(s.name, s.rule) for s in sites] == [(f"layer{i}.0", "block_classes") for i in range(1, 5)]
 
 
 def test_concatenating_blocks_are_perturbed_at_their_output(phi):
@@ -254,14 +254,42 @@ def test_concatenating_blocks_are_perturbed_at_their_output(phi):
     ]
 
 
-def test_blocks_the_forward_does_not_run_are_left_out(phi):
-    model = timm.create_model("hrnet_w18_small")  # its downsamp_modules serve another head
-    sites = get_injection(inject_metaperturb(model, phi, input_size=(3, 64, 64))).site_list
-    assert sites and not any(s.name.startswith("downsamp_modules") for s in sites)
-    with pytest.raises(ValueError, match=r"'downsamp_modules.0' of HighResolutionNet did not run"):
-        inject_metaperturb(
-            timm.create_model("hrnet_w18_small"), phi, blocks=["downsamp_modules.0"], input_size=(3, 64, 64)
+class _AuxHeadNet(torch.nn.Module):
+    """A hand-written network whose auxiliary head runs only in training, as GoogLeNet's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda c_in, c_out: torch.nn.Sequential(  # noqa: E731
+            torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU()
         )
+        self.body = torch.nn.Sequential(conv(3, 8), conv(8, 16))
+        self.aux = torch.nn.Sequential(conv(16, 16))
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        if self.training:
+            x = x + self.aux(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_blocks_the_forward_does_not_run_are_left_out(phi):
+    sites = get_injection(inject_metaperturb(_AuxHeadNet(), phi, input_size=(3, 16, 16))).site_list
+    assert [s.name for s in sites] == ["body.0", "body.1"]
+    with pytest.raises(ValueError, match=r"'aux.0' of _AuxHeadNet did not run"):
+        inject_metaperturb(_AuxHeadNet(), phi, blocks=["aux.0"], input_size=(3, 16, 16))
+
+
+def test_hrnet_is_perturbed_after_its_residual_blocks_only(phi):
+    """HRNet's group_matcher names no blocks; its residual blocks are, not its transition and fuse layers."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    model = timm.create_model("hrnet_w18_small")
+    sites = get_injection(inject_metaperturb(model, phi, input_size=(3, 64, 64))).site_list
+    modules = dict(model.named_modules())
+    residual = [n for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert [s.name for s in sites] == residual
+    assert all(type(modules[s.target]).__name__ == "ReLU" and s.position == "input" for s in sites)
 
 
 def test_hybrid_network_keeps_its_transformer_stage_unperturbed_with_a_warning(phi):

@@ -5,8 +5,9 @@ Blocks are found by the first of these rules that finds any (or taken from the u
 1. `group_matcher`: a timm model's `group_matcher(coarse=False)["blocks"]` patterns that stand for repeated
    blocks (ordinal None), keeping the matched modules that hold a Conv2d and have children; where the matcher
    is a function of module names (inception_v3), the deepest module holding each of its groups.
-2. `torchvision`: in a torchvision classification network (which has no group_matcher), its own block classes
-   (`TORCHVISION_BLOCKS`), named the way PEFT names its target modules per architecture.
+2. `block_classes`: in a network whose blocks no group_matcher names (torchvision's, timm's HRNet), the
+   library's own block classes for that network (`BLOCK_CLASSES`), named the way PEFT names its target
+   modules per architecture.
 3. `containers`: modules with children that hold a Conv2d and sit in an nn.Sequential / ModuleList /
    ModuleDict (the way torchvision and hand-written networks stack blocks), innermost ones only.
 4. `conv_runs`: in a flat nn.Sequential (VGG, hand-written stacks) or directly in the model, each Conv2d with
@@ -49,20 +50,26 @@ NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax,
 
 BlocksSpec = str | Sequence[str] | type | tuple[type, ...] | None
 
-# torchvision network class -> the classes of its blocks (the stems, transitions and SE layers are not blocks)
-TORCHVISION_BLOCKS = {
-    "ResNet": ("BasicBlock", "Bottleneck"),
-    "MobileNetV2": ("InvertedResidual",),
-    "MobileNetV3": ("InvertedResidual",),
-    "EfficientNet": ("MBConv", "FusedMBConv"),
-    "GoogLeNet": ("Inception",),
-    "Inception3": ("InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE"),
-    "DenseNet": ("_DenseLayer",),
-    "RegNet": ("ResBottleneckBlock",),
-    "ShuffleNetV2": ("InvertedResidual",),
-    "MNASNet": ("_InvertedResidual",),
-    "ConvNeXt": ("CNBlock",),
-    "SqueezeNet": ("Fire",),
+# library -> its network classes -> the classes of their blocks (stems, transitions, SE and fuse layers are not
+# blocks): networks whose blocks no group_matcher names
+BLOCK_CLASSES = {
+    "torchvision.models": {
+        "ResNet": ("BasicBlock", "Bottleneck"),
+        "MobileNetV2": ("InvertedResidual",),
+        "MobileNetV3": ("InvertedResidual",),
+        "EfficientNet": ("MBConv", "FusedMBConv"),
+        "GoogLeNet": ("Inception",),
+        "Inception3": ("InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE"),
+        "DenseNet": ("_DenseLayer",),
+        "RegNet": ("ResBottleneckBlock",),
+        "ShuffleNetV2": ("InvertedResidual",),
+        "MNASNet": ("_InvertedResidual",),
+        "ConvNeXt": ("CNBlock",),
+        "SqueezeNet": ("Fire",),
+    },
+    "timm.models": {
+        "HighResolutionNet": ("BasicBlock", "Bottleneck"),  # its group_matcher has only "block_types"
+    },
 }
 
 logger = logging.getLogger(__name__)
@@ -175,15 +182,18 @@ def _common_ancestor(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _is_torchvision(cls: type) -> bool:
-    return cls.__module__.startswith("torchvision.models.")
+def _library(cls: type) -> str | None:
+    return next((lib for lib in BLOCK_CLASSES if cls.__module__.startswith(lib + ".")), None)
 
 
-def _torchvision_blocks(model: nn.Module) -> list[str]:
-    """The blocks of a torchvision network, or of a network subclassing one."""
-    networks = [c.__name__ for c in type(model).__mro__ if _is_torchvision(c)]
-    kinds = next((TORCHVISION_BLOCKS[n] for n in networks if n in TORCHVISION_BLOCKS), ())
-    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _is_torchvision(type(m))]
+def _block_class_blocks(model: nn.Module) -> list[str]:
+    """The blocks of a network listed in `BLOCK_CLASSES`, or of a network subclassing one."""
+    network = next((c for c in type(model).__mro__ if c.__name__ in BLOCK_CLASSES.get(_library(c), {})), None)
+    if network is None:
+        return []
+    library = _library(network)
+    kinds = BLOCK_CLASSES[library][network.__name__]
+    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _library(type(m)) == library]
 
 
 def _container_blocks(model: nn.Module) -> list[str]:
@@ -248,7 +258,7 @@ def find_block_scopes(model: nn.Module, blocks: BlocksSpec = None) -> tuple[list
         return [Scope(n, (n,)) for n in _user_blocks(model, blocks)], "given"
     rules = (
         ("group_matcher", _group_matcher_blocks),
-        ("torchvision", _torchvision_blocks),
+        ("block_classes", _block_class_blocks),
         ("containers", _container_blocks),
     )
     for rule, find in rules:
