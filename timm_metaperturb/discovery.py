@@ -188,12 +188,12 @@ def _library(cls: type) -> str | None:
 
 def _block_class_blocks(model: nn.Module) -> list[str]:
     """The blocks of a network listed in `BLOCK_CLASSES`, or of a network subclassing one."""
-    network = next((c for c in type(model).__mro__ if c.__name__ in BLOCK_CLASSES.get(_library(c), {})), None)
-    if network is None:
-        return []
-    library = _library(network)
-    kinds = BLOCK_CLASSES[library][network.__name__]
-    return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _library(type(m)) == library]
+    for cls in type(model).__mro__:
+        library = _library(cls)
+        kinds = BLOCK_CLASSES.get(library, {}).get(cls.__name__)
+        if kinds:
+            return [n for n, m in model.named_modules() if type(m).__name__ in kinds and _library(type(m)) == library]
+    return []
 
 
 def _container_blocks(model: nn.Module) -> list[str]:
