@@ -116,13 +116,21 @@ def card_rows(runs: Path, cells: list[tuple[str, str]], seeds: list[int], source
     return table
 
 
+def merge_card_rows(kept: list[dict], new: list[dict]) -> list[dict]:
+    """The card's rows with `new` in place of those it measures again (same target, network and measurement),
+    in their places, and the rest of `new` after them: tables of other lengths or devices stay on the card."""
+    fresh = {(row["target"], row["network"], row["measured"]): row for row in new}
+    merged = [fresh.pop((row["target"], row["network"], row["measured"]), row) for row in kept]
+    return merged + list(fresh.values())
+
+
 def update_default_card(rows: list[dict]) -> None:
     """Put transfer rows into the shipped φ's provenance and rewrite its folder (weights unchanged) and card."""
     from timm_metaperturb import load_phi
     from timm_metaperturb.loading import DEFAULT_PHI_DIR
 
     phi = load_phi(None)
-    phi.provenance["results"] = rows
+    phi.provenance["results"] = merge_card_rows(phi.provenance.get("results", []), rows)
     (DEFAULT_PHI_DIR / "README.md").unlink(missing_ok=True)  # save_pretrained writes a card only where none is
     phi.save_pretrained(DEFAULT_PHI_DIR, model_card_kwargs={"phi_source": None})
 

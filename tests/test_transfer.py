@@ -10,6 +10,7 @@ from benchmarks.transfer import (
     REGIME_SIZES,
     card_rows,
     main,
+    merge_card_rows,
     regime_cell,
     regime_plot,
     rows,
@@ -85,6 +86,16 @@ def test_regime_cells_and_plot(tmp_path):
     rows = card_rows(tmp_path, [regime_cell(20)], [0], "here")
     assert rows == [{"target": "fmnist5-9@20", "network": "resnet20", "base": "20.00 (1)", "φ sample-10": "21.00 (1)",
                      "φ mean-bn": "22.00 (1)", "measured": "here"}]  # fmt: skip
+
+
+def test_card_rows_of_another_measurement_stay_and_a_remeasured_row_keeps_its_place():
+    """Rows tabulated at 10,000 steps join the 800-step rows on the card; tabulating a cell again replaces it."""
+    short = [{"target": t, "network": "conv4", "base": "90.00 (3)", "measured": "800 steps"} for t in ("a", "b")]
+    longer = [{"target": "a", "network": "conv4", "base": "91.00 (4)", "measured": "10000 steps"}]
+    card = merge_card_rows(short, longer)
+    assert card == [*short, *longer]
+    again = [{**short[0], "base": "89.00 (5)"}]
+    assert merge_card_rows(card, again) == [again[0], short[1], longer[0]]
 
 
 def test_ablation_rows_and_phi_rows(tmp_path, capsys):
