@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.results import RESULTS, machine, write_section
-from train.compare import run_all
+from train.compare import mean_std, run_all
 
 RUNS = Path(__file__).with_name("runs")  # one folder per device kind and length: runs/cpu, runs/cuda-10000steps
 STEPS = 800  # every row of the table; the paper's 10,000 where a GPU allows it (--steps)
@@ -160,29 +161,37 @@ def run_dir(runs: Path, cell: tuple[str, str], row: str, seed: int) -> Path:
 
 
 def results(runs: Path, cell: tuple[str, str], row: str, seeds: list[int]) -> dict[str, list[dict]]:
-    """Finished runs' metrics per evaluation: "final" (baselines) or each MetaPerturb evaluation mode."""
+    """Finished runs' metrics per evaluation: "final" (baselines) or each MetaPerturb evaluation mode, each with
+    the run's seed."""
     found: dict[str, list[dict]] = {}
     for seed in seeds:
         path = run_dir(runs, cell, row, seed) / "run.json"
         if path.is_file():
             run = json.loads(path.read_text())
             for mode, metrics in (run.get("evaluations") or {"final": run["final"]}).items():
-                found.setdefault(mode, []).append(metrics)
+                found.setdefault(mode, []).append({**metrics, "seed": seed})
     return found
 
 
-def mean_std(values: list[float], digits: int) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+def paired_gain(metrics: list[dict], base: dict[int, float]) -> str:
+    """Mean accuracy minus base's on the same seeds (standard error): a seed draws the training images and the
+    initialisation for every row alike, so pairing removes most of the seed-to-seed spread."""
+    gains = [m["accuracy"] - base[m["seed"]] for m in metrics if m["seed"] in base]
+    if len(gains) < 2:
+        return f"{gains[0]:+.2f}" if gains else "–"
+    return f"{statistics.mean(gains):+.2f} ({statistics.stdev(gains) / math.sqrt(len(gains)):.2f})"
 
 
 def cell_table(runs: Path, cell: tuple[str, str], names: list[str], seeds: list[int]) -> str:
-    lines = [f"**{cell[1]} on {cell[0]}**", "", "| row | evaluation | accuracy (%) | NLL | ECE (%) | seeds |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    header = "| row | evaluation | accuracy (%) | NLL | ECE (%) | seeds | minus base, same seeds (standard error) |"
+    lines = [f"**{cell[1]} on {cell[0]}**", "", header, "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = {m["seed"]: m["accuracy"] for m in results(runs, cell, "base", seeds).get("final", [])}
     for row in names:
         for mode, metrics in results(runs, cell, row, seeds).items():
             cells = [mean_std([m[key] for m in metrics], digits) for key, digits in METRICS]
-            lines.append(f"| {row} | {mode} | " + " | ".join(cells) + f" | {len(metrics)} |")
+            lines.append(
+                f"| {row} | {mode} | " + " | ".join(cells) + f" | {len(metrics)} | {paired_gain(metrics, base)} |"
+            )
     return "\n".join(lines)
 
 
