@@ -117,16 +117,20 @@ def card_rows(runs: Path, cells: list[tuple[str, str]], seeds: list[int], source
     return table
 
 
+def _card_key(row: dict) -> tuple[str, str, str]:
+    return row["target"], row["network"], row["measured"]
+
+
 def merge_card_rows(kept: list[dict], new: list[dict]) -> list[dict]:
     """The card's rows with `new` in place of those it measures again (same target, network and measurement),
     in their places, and the rest of `new` after them: tables of other lengths or devices stay on the card."""
-    fresh = {(row["target"], row["network"], row["measured"]): row for row in new}
-    merged = [fresh.pop((row["target"], row["network"], row["measured"]), row) for row in kept]
+    fresh = {_card_key(row): row for row in new}
+    merged = [fresh.pop(_card_key(row), row) for row in kept]
     return merged + list(fresh.values())
 
 
 def update_default_card(rows: list[dict]) -> None:
-    """Put transfer rows into the shipped φ's provenance and rewrite its folder (weights unchanged) and card."""
+    """Merge transfer rows into the shipped φ's provenance and rewrite its folder (weights unchanged) and card."""
     from timm_metaperturb import load_phi
     from timm_metaperturb.loading import DEFAULT_PHI_DIR
 
