@@ -34,6 +34,11 @@ def device(request, monkeypatch) -> str:
         if phi_cpu.cpu_kernels() is None:
             pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
         return "cpu"
+    return triton_device(monkeypatch)
+
+
+def triton_device(monkeypatch) -> str:
+    """The device where φ's fused path runs the Triton kernels: CUDA, else the CPU with them interpreted."""
     if torch.cuda.is_available():
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference's exact convolutions
         return "cuda"
@@ -70,6 +75,15 @@ def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape
     gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too, and
     maps whose channels and pixels come in whole 16 x 16 blocks (the C++ kernels transpose those in registers)."""
     assert_fused_equals_reference(strong_phi(kernel_size, CLIP).to(device), shape, layout, device)
+
+
+@pytest.mark.parametrize("tile", [(16, 2, 2), (256, 64, 8)])
+def test_triton_kernels_compute_the_same_function_with_any_tile(tile, monkeypatch):
+    """A tile smaller than the map in both pixels and channels (many programs, each looping over channel blocks,
+    their partial sums added up) and one larger than it in both."""
+    device, phi_cuda = triton_device(monkeypatch), interpreted_triton_kernels()
+    monkeypatch.setattr(phi_cuda, "TILE", phi_cuda.Tile(*tile))
+    assert_fused_equals_reference(strong_phi(3, CLIP).to(device), (2, 5, 9, 11), torch.contiguous_format, device)
 
 
 @pytest.mark.parametrize("h_dim", [1, 6])

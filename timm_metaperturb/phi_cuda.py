@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,7 +26,19 @@ from torch import Tensor
 
 Seed = int | Tensor | None  # eps's seed: an int, a one-element integer tensor on the GPU, or none
 
-_PIXELS, _CHANNELS = 128, 16  # largest tile: pixels x channels per step of a program
+
+class Tile(NamedTuple):
+    """The kernels' launch configuration: the largest tile a program takes per step (pixels x channels, powers of
+    two) and the warps that run it. Any tile computes the same function; `benchmarks/cuda_tiles.py` times the
+    choices on a GPU (on an H200 none beats the shipped one by more than 0.03x of the plain step: the kernels' own
+    arithmetic, not their launch, is what costs)."""
+
+    pixels: int = 128
+    channels: int = 16
+    warps: int = 4
+
+
+TILE = Tile()  # read at every launch: set another Tile to launch with it (a CUDA graph keeps the one it captured)
 
 
 @triton.jit
@@ -337,11 +350,11 @@ def _on_tensors_device(entry_point):
 def _geometry(x: torch.Tensor, kernel_size: int) -> dict:
     """Launch grid, tile sizes and strides for a (B, C, H, W) map in either layout."""
     batch, channels, height, width = x.shape
-    pixels = min(_PIXELS, triton.next_power_of_2(height * width))
+    pixels = min(TILE.pixels, triton.next_power_of_2(height * width))
     return {
         "grid": (triton.cdiv(height * width, pixels), batch),
         "shape": (channels, height, width, *x.stride()),
-        "tiles": {"BC": min(_CHANNELS, triton.next_power_of_2(channels)), "BP": pixels},
+        "tiles": {"BC": min(TILE.channels, triton.next_power_of_2(channels)), "BP": pixels, "num_warps": TILE.warps},
         "K": kernel_size,
         "TAPS": triton.next_power_of_2(kernel_size * kernel_size),
         "programs": batch * triton.cdiv(height * width, pixels),
