@@ -86,6 +86,14 @@ def test_triton_kernels_compute_the_same_function_with_any_tile(tile, monkeypatc
     assert_fused_equals_reference(strong_phi(3, CLIP).to(device), (2, 5, 9, 11), torch.contiguous_format, device)
 
 
+def test_a_tile_triton_cannot_launch_is_refused_with_what_to_change(monkeypatch):
+    device, phi_cuda = triton_device(monkeypatch), interpreted_triton_kernels()
+    monkeypatch.setattr(phi_cuda, "TILE", phi_cuda.Tile(pixels=100))
+    h = torch.randn(2, 5, 9, 11, device=device)
+    with pytest.raises(ValueError, match="powers of two"):
+        strong_phi(3, CLIP).to(device)(h, SiteStatistics(5, 4).to(device).train())
+
+
 @pytest.mark.parametrize("h_dim", [1, 6])
 def test_fused_scale_features_take_any_number_of_kernels(h_dim, device):
     """The C++ kernels run the scale's kernels four at a time: fewer, or a remainder, is the same function."""

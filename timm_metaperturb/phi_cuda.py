@@ -349,6 +349,8 @@ def _on_tensors_device(entry_point):
 
 def _geometry(x: torch.Tensor, kernel_size: int) -> dict:
     """Launch grid, tile sizes and strides for a (B, C, H, W) map in either layout."""
+    if any(n < 1 or n & (n - 1) for n in TILE):
+        raise ValueError(f"phi_cuda.TILE is {TILE}: its pixels, channels and warps must be powers of two")
     batch, channels, height, width = x.shape
     pixels = min(TILE.pixels, triton.next_power_of_2(height * width))
     return {
