@@ -177,10 +177,15 @@ def results(runs: Path, cell: tuple[str, str], row: str, seeds: list[int]) -> di
     return found
 
 
+def seed_gains(metrics: list[dict], base: dict[int, float]) -> list[float]:
+    """Accuracy minus base's on the same seed, for each seed base also has: a seed draws the training images and
+    the initialisation for every row alike, so pairing removes most of the seed-to-seed spread."""
+    return [m["accuracy"] - base[m["seed"]] for m in metrics if m["seed"] in base]
+
+
 def paired_gain(metrics: list[dict], base: dict[int, float]) -> str:
-    """Mean accuracy minus base's on the same seeds (standard error): a seed draws the training images and the
-    initialisation for every row alike, so pairing removes most of the seed-to-seed spread."""
-    gains = [m["accuracy"] - base[m["seed"]] for m in metrics if m["seed"] in base]
+    """Mean gain over base on the same seeds (standard error)."""
+    gains = seed_gains(metrics, base)
     if len(gains) < 2:
         return f"{gains[0]:+.2f}" if gains else "–"
     return f"{statistics.mean(gains):+.2f} ({statistics.stdev(gains) / math.sqrt(len(gains)):.2f})"
@@ -200,23 +205,25 @@ def cell_table(runs: Path, cell: tuple[str, str], names: list[str], seeds: list[
 
 
 def summary(runs: Path, cells: list[tuple[str, str]], names: list[str], seeds: list[int]) -> str:
-    """Mean accuracy of each row and evaluation over the cells where it finished, and its gain over base's
-    on those same cells (a row missing a cell is compared like for like, not left out)."""
-    per_row: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
+    """Mean accuracy of each row and evaluation over the cells where it finished, and its gain over base on those
+    same cells and seeds (a row with fewer cells or seeds than base is compared like for like, not left out)."""
+    per_row: dict[tuple[str, str], dict[tuple[str, str], list[dict]]] = {}
+    base: dict[tuple[str, str], dict[int, float]] = {}
     for cell in cells:
+        base[cell] = {m["seed"]: m["accuracy"] for m in results(runs, cell, "base", seeds).get("final", [])}
         for row in names:
             for mode, metrics in results(runs, cell, row, seeds).items():
-                per_row.setdefault((row, mode), {})[cell] = statistics.mean(m["accuracy"] for m in metrics)
-    base = per_row.get(("base", "final"), {})
+                per_row.setdefault((row, mode), {})[cell] = metrics
     lines = [
-        "| row | evaluation | mean accuracy over cells (%) | minus base | cells |",
+        "| row | evaluation | mean accuracy over cells (%) | minus base, same cells and seeds | cells |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for (row, mode), accs in per_row.items():
-        shared = [cell for cell in accs if cell in base]
-        gain = statistics.mean(accs[c] - base[c] for c in shared) if shared else None
-        gain_text = "–" if gain is None else f"{gain:+.2f}" + ("" if len(shared) == len(accs) else f" ({len(shared)})")
-        lines.append(f"| {row} | {mode} | {statistics.mean(accs.values()):.2f} | {gain_text} | {len(accs)} |")
+    for (row, mode), by_cell in per_row.items():
+        gains = [statistics.mean(g) for cell, metrics in by_cell.items() if (g := seed_gains(metrics, base[cell]))]
+        gain_text = "–" if not gains else f"{statistics.mean(gains):+.2f}"
+        gain_text += "" if len(gains) in (0, len(by_cell)) else f" ({len(gains)})"
+        accuracy = statistics.mean(statistics.mean(m["accuracy"] for m in metrics) for metrics in by_cell.values())
+        lines.append(f"| {row} | {mode} | {accuracy:.2f} | {gain_text} | {len(by_cell)} |")
     return "\n".join(lines)
 
 

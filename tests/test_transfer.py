@@ -72,19 +72,31 @@ def test_summary_compares_a_partial_row_with_base_on_its_own_cells(tmp_path):
     assert "| dropblock | final | 95.00 | +5.00 | 1 |" in text
 
 
-def test_cell_table_pairs_each_row_with_base_seed_by_seed(tmp_path):
-    """The gain column subtracts base's accuracy on the same seed; a seed base lacks is left out of the pairs."""
-    accuracies = {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 91.0, 1: 96.0, 2: 99.0}}
+def write_runs(runs, accuracies: dict[str, dict[int, float]], cell=("digits", "conv4")) -> None:
+    """Finished runs of a baseline row on one cell: {row: {seed: accuracy}}."""
     for row, by_seed in accuracies.items():
         for seed, accuracy in by_seed.items():
-            path = run_dir(tmp_path, ("digits", "conv4"), row, seed) / "run.json"
+            path = run_dir(runs, cell, row, seed) / "run.json"
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps({"final": {"accuracy": accuracy, "nll": 0.1, "ece": 1.0}, "wall_time_s": 60}))
+
+
+def test_cell_table_pairs_each_row_with_base_seed_by_seed(tmp_path):
+    """The gain column subtracts base's accuracy on the same seed; a seed base lacks is left out of the pairs."""
+    write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 91.0, 1: 96.0, 2: 99.0}})
     text = main(["--cells", "digits:conv4", "--rows", "base,dropblock", "--seeds", "0,1,2", "--table-only",
                  "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
     assert "| base | final | 92.00 ± 2.83 | 0.100 ± 0.000 | 1.00 ± 0.00 | 2 | +0.00 (0.00) |" in text
     # gains +1 and +2 on seeds 0 and 1 (seed 2 has no base): mean +1.50, standard error stdev / sqrt(2) = 0.50
     assert "| dropblock | final | 95.33 ± 4.04 | 0.100 ± 0.000 | 1.00 ± 0.00 | 3 | +1.50 (0.50) |" in text
+
+
+def test_summary_pairs_a_row_with_base_on_the_seeds_both_have(tmp_path):
+    """One seed of a row against base's two: its gain is over base's same seed, not over base's mean."""
+    write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 95.0}})
+    text = main(["--cells", "digits:conv4", "--rows", "base,dropblock", "--seeds", "0,1", "--table-only",
+                 "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
+    assert "| dropblock | final | 95.00 | +5.00 | 1 |" in text  # 95 - 90 on seed 0; base's mean 92 would say +3
 
 
 def test_regime_cells_and_plot(tmp_path):
