@@ -9,6 +9,7 @@ repeats. Needs a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> str:
             step = GraphedTrainStep(build("resnet20", 32, DEFAULT_VARIANT).cuda(), x, y)
             times = median_times({"plain": plain, "φ": step}, args.repeats, device="cuda")
             rows.append((tile, times["φ"] / times["plain"]))
-            print(json.dumps({**tile._asdict(), "ratio": rows[-1][1], **times}), flush=True)
+            print(json.dumps({**dataclasses.asdict(tile), "ratio": rows[-1][1], **times}), flush=True)
     finally:
         phi_cuda.TILE = shipped
     command = "python -m benchmarks.cuda_tiles " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -86,12 +86,11 @@ def test_triton_kernels_compute_the_same_function_with_any_tile(tile, monkeypatc
     assert_fused_equals_reference(strong_phi(3, CLIP).to(device), (2, 5, 9, 11), torch.contiguous_format, device)
 
 
-def test_a_tile_triton_cannot_launch_is_refused_with_what_to_change(monkeypatch):
-    device, phi_cuda = triton_device(monkeypatch), interpreted_triton_kernels()
-    monkeypatch.setattr(phi_cuda, "TILE", phi_cuda.Tile(pixels=100))
-    h = torch.randn(2, 5, 9, 11, device=device)
-    with pytest.raises(ValueError, match="powers of two"):
-        strong_phi(3, CLIP).to(device)(h, SiteStatistics(5, 4).to(device).train())
+def test_a_tile_triton_cannot_launch_is_refused_with_what_to_change():
+    phi_cuda = interpreted_triton_kernels()
+    for sizes in ({"pixels": 100}, {"channels": 0}, {"warps": 3}):
+        with pytest.raises(ValueError, match="powers of two"):
+            phi_cuda.Tile(**sizes)
 
 
 @pytest.mark.parametrize("h_dim", [1, 6])

@@ -16,8 +16,8 @@ machine without a GPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -27,7 +27,8 @@ from torch import Tensor
 Seed = int | Tensor | None  # eps's seed: an int, a one-element integer tensor on the GPU, or none
 
 
-class Tile(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Tile:
     """The kernels' launch configuration: the largest tile a program takes per step (pixels x channels, powers of
     two) and the warps that run it. Any tile computes the same function; `benchmarks/cuda_tiles.py` times the
     choices on a GPU (on an H200 none beats the shipped one by more than 0.03x of the plain step: the kernels' own
@@ -36,6 +37,10 @@ class Tile(NamedTuple):
     pixels: int = 128
     channels: int = 16
     warps: int = 4
+
+    def __post_init__(self) -> None:  # checked once here, not at every launch
+        if any(n < 1 or n & (n - 1) for n in dataclasses.astuple(self)):
+            raise ValueError(f"{self}: a tile's pixels, channels and warps must be powers of two (Triton's blocks)")
 
 
 TILE = Tile()  # read at every launch: set another Tile to launch with it (a CUDA graph keeps the one it captured)
@@ -349,8 +354,6 @@ def _on_tensors_device(entry_point):
 
 def _geometry(x: torch.Tensor, kernel_size: int) -> dict:
     """Launch grid, tile sizes and strides for a (B, C, H, W) map in either layout."""
-    if any(n < 1 or n & (n - 1) for n in TILE):
-        raise ValueError(f"phi_cuda.TILE is {TILE}: its pixels, channels and warps must be powers of two")
     batch, channels, height, width = x.shape
     pixels = min(TILE.pixels, triton.next_power_of_2(height * width))
     return {
