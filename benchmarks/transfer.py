@@ -8,9 +8,10 @@
     python -m benchmarks.transfer --rows base,metaperturb+manifold_mixup   # a combination row: do they add up?
 
 Each run is one `train/target.py` process (one worker per core, the cores shared out), its JSON written to
-benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, so an interrupted table
-resumes where it stopped. MetaPerturb rows report every evaluation mode: one sampled pass, Monte-Carlo over
-10 and 100 passes, and the deterministic pass with the noise replaced by its expectation ("mean").
+benchmarks/runs/<cell>/<row>/seed<k>/run.json; a run whose run.json exists is skipped, and a run cut off
+continues from its last checkpoint (every 500 steps), so an interrupted table resumes where it stopped.
+MetaPerturb rows report every evaluation mode: one sampled pass, Monte-Carlo over 10 and 100 passes, and the
+deterministic pass with the noise replaced by its expectation ("mean").
 """
 
 from __future__ import annotations

@@ -1,6 +1,13 @@
-"""Target training: every method, annealing, metrics, outputs, fine-tuning, the comparison driver, bad input."""
+"""Target training: every method, annealing, metrics, outputs, fine-tuning, resuming, the comparison driver, bad
+input."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,11 +19,13 @@ from timm_metaperturb.data import Augmentation
 from timm_metaperturb.metrics import classification_metrics, expected_calibration_error
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer
 from timm_metaperturb.target_training import (
+    CHECKPOINT_FILE,
     TargetConfig,
     annealed_strength,
     build_model,
     evaluate_modes,
     prepare_data,
+    save_checkpoint,
     train_target,
 )
 
@@ -247,6 +256,52 @@ def test_bad_input_fails_before_training(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         train_target(cfg)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+TARGET = Path(__file__).parents[1] / "train" / "target.py"
+
+
+def target_command(output: Path, phi_dir: str, *extra: str) -> list[str]:
+    """train/target.py with the methods that keep state or draw from the global generator (φ's statistics and noise,
+    DropBlock's ramp and masks), evaluations that sample in the middle of the run, and a checkpoint every 10 steps."""
+    return [sys.executable, str(TARGET), "--dataset", "digits", "--max-per-class", "10", "--val-fraction", "0.1",
+            "--no-hflip", "--model", "conv4", "--image-size", "16", "--batch-size", "32", "--steps", "40",
+            "--eval-every", "20", "--eval-noise", "sample", "--eval-passes", "2", "--final-passes", "2", "--method",
+            "metaperturb+dropblock", "--phi", phi_dir, "--checkpoint-every", "10", "--no-plots", "--no-progress",
+            "--output", str(output), *extra]  # fmt: skip
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_network(tmp_path, phi_dir):
+    """Killed without warning (SIGKILL: nothing is saved on the way out) after a checkpoint, then started again
+    with --resume: the run continues from the checkpoint and ends with the network, metrics and history of a
+    run that was never interrupted."""
+    subprocess.run(target_command(tmp_path / "whole", phi_dir), check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    checkpoint = cut / CHECKPOINT_FILE
+    job = subprocess.Popen(target_command(cut, phi_dir), stdout=subprocess.DEVNULL)
+    while not checkpoint.is_file() and job.poll() is None:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert checkpoint.is_file() and not (cut / "run.json").exists(), "killed after its first checkpoint, mid-run"
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 10 <= step < 40
+    resumed = subprocess.run(target_command(cut, phi_dir, "--resume"), check=True, capture_output=True, text=True)
+    assert "resuming from" in resumed.stdout and not checkpoint.exists(), "the checkpoint is removed once done"
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("whole", "cut")]
+    assert runs[0]["history"] == runs[1]["history"] and runs[0]["final"] == runs[1]["final"]
+    whole, cut_state = (timm_state(tmp_path / name / "network.safetensors") for name in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut_state[k]) for k in whole)
+
+
+def test_resuming_with_other_settings_is_refused_and_keeps_the_checkpoint(tmp_path):
+    cfg = TargetConfig(**{**TINY, "method": "base", "output": str(tmp_path / "run"), "resume": True})
+    checkpoint = tmp_path / "run" / CHECKPOINT_FILE
+    checkpoint.parent.mkdir()
+    save_checkpoint(checkpoint, {"config": asdict(replace(cfg, lr=0.1, final_modes="mean")), "step": 3})
+    with pytest.raises(ValueError, match=r"other settings.*'lr': \(0.1, 0.001\).*delete"):
+        train_target(cfg)
+    assert checkpoint.is_file() and not (tmp_path / "run" / "run.json").exists()
 
 
 def test_comparison_driver_tabulates_and_resumes(tmp_path):

@@ -3,12 +3,14 @@
 The reference recipe: Adam (lr 1e-3, weight decay 5e-4), batch 128, 10,000 steps, the learning rate x0.3 at
 40%, 70% and 90% of the steps, MetaPerturb's strength k = min(1, step / (0.4 steps)), φ frozen. Evaluation:
 accuracy, NLL and ECE on the test set, averaging the softmax of N stochastic passes for MetaPerturb.
-`train/target.py` is its command line.
+`train/target.py` is its command line. With `checkpoint_every`, a run killed at any point and started again
+with `resume` continues from its last checkpoint and ends with the same network as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from .data import (
     Augmentation,
@@ -81,6 +85,11 @@ class TargetConfig:
     progress: bool = True
     device: str = "cpu"
     channels_last: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+
+    # the settings a resumed run may change: where it writes, what it shows, and the final evaluations
+    RESUME_FREE = ("output", "progress", "plots", "checkpoint_every", "resume", "final_passes", "final_modes")
 
     def methods(self) -> list[str]:
         methods = [m.strip() for m in self.method.replace("+", ",").split(",") if m.strip()]
@@ -283,6 +292,53 @@ def evaluate_modes(
     return results
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write the training state to `path` through a temporary file, so that a run killed while writing keeps its
+    previous checkpoint."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path, cfg: TargetConfig) -> dict:
+    """The training state saved at `path`, after checking that it was saved by a run with cfg's settings."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    now = asdict(cfg)
+    changed = {k: (v, now.get(k)) for k, v in state["config"].items() if k not in cfg.RESUME_FREE and now.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"{path} was saved by a run with other settings (checkpoint, now): {changed}; resume with the same "
+            f"settings, or delete {path} to start again"
+        )
+    return state
+
+
+def training_state(
+    model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, sampler: EpochSampler, device: str
+) -> dict:
+    """Everything a training step changes: weights and buffers (φ's statistics too), the optimizer and schedule,
+    the batch order, and the generators that draw noise, masks and mixing."""
+    cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), **cuda_rng}  # fmt: skip
+
+
+def restore_training_state(
+    state: dict, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, sampler: EpochSampler, device: str
+) -> None:
+    """The inverse of `training_state`."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
     """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output`."""
     from tqdm.auto import tqdm
@@ -310,10 +366,18 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
 
     mixup = attached.get("manifold_mixup")
     info = attached.get("information_dropout")
-    history, strengths = [], []
+    history, strengths, start, elapsed = [], [], 0, 0.0
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
+    checkpoint = output / CHECKPOINT_FILE
+    if cfg.resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, cfg)
+        restore_training_state(state, model, optimizer, scheduler, sampler, cfg.device)
+        history, strengths, start, elapsed = state["history"], state["strengths"], state["step"], state["elapsed"]
+        print(f"resuming from {checkpoint} at step {start} of {cfg.steps}")
+    elif cfg.resume:
+        print(f"no checkpoint in {output}: starting at step 0")
+    bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
     for step in bar:
         k = annealed_strength(step, cfg.steps, cfg.anneal)
         if "metaperturb" in attached:
@@ -343,6 +407,12 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
             probs = test_proba(cfg.eval_passes)
             history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
             bar.set_postfix(acc=f"{history[-1]['accuracy']:.2f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(checkpoint, {
+                **training_state(model, optimizer, scheduler, sampler, cfg.device), "config": asdict(cfg),
+                "step": step + 1, "history": history, "strengths": strengths,
+                "elapsed": elapsed + time.time() - started,
+            })  # fmt: skip
     passes = cfg.final_passes if stochastic else 1
     probs = test_proba(passes)
     final = {
@@ -361,7 +431,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "final": final,
         "reliability": {k: v.tolist() for k, v in reliability_bins(probs, test.labels).items()},
         "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
-        "wall_time_s": time.time() - started,
+        "wall_time_s": elapsed + time.time() - started,
     }
     if final_modes:
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
@@ -369,6 +439,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
     (output / "run.json").write_text(json.dumps(run, indent=1))
+    checkpoint.unlink(missing_ok=True)  # the run is complete: run.json and the network replace it
     if cfg.plots:
         from .plots import plot_run
 

@@ -5,8 +5,8 @@ mean ± std (the shape of the paper's tables), written as Markdown.
         -- --dataset fashion_mnist --classes 5-9 --max-per-class 100 --steps 800
 
 Everything after `--` is passed to train/target.py. Each run writes its JSON to RUNS_DIR/<method>/seed<seed>;
-runs whose run.json exists are skipped, so an interrupted comparison resumes where it stopped. --workers runs
-that many at once, one CPU thread each.
+runs whose run.json exists are skipped, and a run cut off continues from its last checkpoint (every 500 steps),
+so an interrupted comparison resumes where it stopped. --workers runs that many at once, one CPU thread each.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 TARGET = Path(__file__).with_name("target.py")
 METRICS = (("accuracy", "accuracy (%)", 2), ("nll", "NLL", 3), ("ece", "ECE (%)", 2))
+CHECKPOINT_EVERY = 500  # steps: a run cut off (a session's end, a killed job) loses at most this many
 
 
 def run_one(output: Path, target_args: list[str], threads: int) -> Path:
@@ -30,9 +31,10 @@ def run_one(output: Path, target_args: list[str], threads: int) -> Path:
     if (output / "run.json").is_file():
         return output
     output.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(TARGET), *target_args, "--output", str(output), "--no-progress"]
+    resumable = ["--checkpoint-every", str(CHECKPOINT_EVERY), "--resume"]  # before target_args, which may override
+    command = [sys.executable, str(TARGET), *resumable, *target_args, "--output", str(output), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(output / "log.txt", "w") as log:
+    with open(output / "log.txt", "a") as log:
         done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(target_args)} failed (exit {done.returncode}); see {output / 'log.txt'}")

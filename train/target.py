@@ -8,7 +8,8 @@ Any other run, e.g. Fashion-MNIST classes 5-9 with 100 images per class, DropBlo
     python train/target.py --dataset fashion_mnist --classes 5-9 --max-per-class 100 --method dropblock
 Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination joined by '+';
 --init-from CHECKPOINT fine-tunes from a network.safetensors of an earlier run (the classifier is re-initialised
-when the classes differ).
+when the classes differ). A long run that may be cut off: --checkpoint-every 500, and after the cut the same
+command with --resume.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ HELP = {
     "noise z fixed to 1) for ablations",
     "final_modes": "also report these final evaluations, e.g. 1,10,100,mean,mean-bn (N sampled passes, expected "
     "noise, expected noise after re-estimating batch norm; baselines: final, final-bn)",
+    "checkpoint_every": "save the training state to OUTPUT/checkpoint.pt every N steps (0: never); removed when the "
+    "run completes",
+    "resume": "continue from OUTPUT/checkpoint.pt where there is one (the same network as an uninterrupted run)",
 }
 
 
