@@ -302,6 +302,9 @@ def test_resuming_with_other_settings_is_refused_and_keeps_the_checkpoint(tmp_pa
     with pytest.raises(ValueError, match=r"other settings.*'lr': \(0.1, 0.001\).*delete"):
         train_target(cfg)
     assert checkpoint.is_file() and not (tmp_path / "run" / "run.json").exists()
+    checkpoint.write_bytes(b"cut off while copying")
+    with pytest.raises(ValueError, match=r"not a readable checkpoint.*delete it"):
+        train_target(cfg)
 
 
 def test_comparison_driver_tabulates_and_resumes(tmp_path):

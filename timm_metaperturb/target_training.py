@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -305,7 +306,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, cfg: TargetConfig) -> dict:
     """The training state saved at `path`, after checking that it was saved by a run with cfg's settings."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: cut off, or not written by a target "
+            "run); delete it to start the run again"
+        ) from error
     now = asdict(cfg)
     changed = {k: (v, now.get(k)) for k, v in state["config"].items() if k not in cfg.RESUME_FREE and now.get(k) != v}
     if changed:
