@@ -62,7 +62,7 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
 
     other_seed = [*common, "--seed", "5", "--output", tmp_path / "x", "--resume-from", checkpoint]
     changed = run_python(["train/meta.py", *other_seed])
-    assert changed.returncode != 0 and "cannot resume" in changed.stderr
+    assert changed.returncode != 0 and "cannot resume" in changed.stderr and "'seed': (0, 5)" in changed.stderr
 
 
 def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):

@@ -35,7 +35,7 @@ from .data import (
 )
 from .injection import get_injection, inject_metaperturb
 from .phi import MetaPerturb
-from .provenance import machine
+from .provenance import changed_settings, machine
 from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
 
 STATE_FILE = "meta_state.json"
@@ -276,11 +276,7 @@ def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
     if not state_file.is_file():
         raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
     state = json.loads(state_file.read_text())
-    changed = {
-        k: (state["config"].get(k), getattr(cfg, k))
-        for k in cfg.RESUME_KEYS
-        if state["config"].get(k) != getattr(cfg, k)
-    }
+    changed = changed_settings(state["config"], asdict(cfg), cfg.RESUME_KEYS)
     if changed:
         raise ValueError(f"cannot resume {path} with other settings (checkpoint, now): {changed}")
     accelerator.load_state(str(path))

@@ -1,9 +1,11 @@
-"""What a recorded result ran on: the machine line written into run records, model cards and benchmarks."""
+"""What a recorded result ran on: the machine line written into run records, model cards and benchmarks, and the
+settings a checkpoint was saved with, which a resumed run must share."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,3 +23,9 @@ def machine() -> str:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{model}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def changed_settings(saved: dict, now: dict, keys: Iterable[str]) -> dict[str, tuple]:
+    """The settings among `keys` whose saved value differs from the value now, as {key: (saved, now)}: what
+    refuses a resume, since continuing under other settings would give a result that neither setting produces."""
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}

@@ -36,6 +36,7 @@ from .data import (
 )
 from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_eval_noise, set_perturb_strength
 from .metrics import classification_metrics, reliability_bins
+from .provenance import changed_settings
 from .recalibration import recalibrate_batchnorm
 from .regularizers import REGULARIZERS, DropBlock, add_regularizer
 from .tasks import parse_classes
@@ -313,8 +314,8 @@ def load_checkpoint(path: Path, cfg: TargetConfig) -> dict:
             f"{path} is not a readable checkpoint ({type(error).__name__}: cut off, or not written by a target "
             "run); delete it to start the run again"
         ) from error
-    now = asdict(cfg)
-    changed = {k: (v, now.get(k)) for k, v in state["config"].items() if k not in cfg.RESUME_FREE and now.get(k) != v}
+    saved = state["config"]
+    changed = changed_settings(saved, asdict(cfg), [k for k in saved if k not in cfg.RESUME_FREE])
     if changed:
         raise ValueError(
             f"{path} was saved by a run with other settings (checkpoint, now): {changed}; resume with the same "
