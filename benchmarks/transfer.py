@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.results import RESULTS, machine, write_section
-from train.compare import mean_std, run_all
+from train.compare import add_workers_argument, mean_std, run_all
 
 RUNS = Path(__file__).with_name("runs")  # one folder per device kind and length: runs/cpu, runs/cuda-10000steps
 STEPS = 800  # every row of the table; the paper's 10,000 where a GPU allows it (--steps)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> str:
         "--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ (.pth); row skipped if absent"
     )
     parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>[-<steps>steps]")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    add_workers_argument(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cells", help="only these target:network cells, e.g. digits:resnet20,fmnist5-9:conv4")
     parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")

@@ -321,6 +321,16 @@ def test_comparison_driver_tabulates_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in stamps} == stamps, "finished runs are not run again"
 
 
+def test_driver_shares_the_cores_out_unless_omp_num_threads_is_set(monkeypatch):
+    from train.compare import threads_per_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert [threads_per_run(workers) for workers in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # another driver holds the other cores
+    assert threads_per_run(1) == 1
+
+
 def test_comparison_driver_reports_a_failed_run(tmp_path):
     from train.compare import main
 

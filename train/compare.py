@@ -6,7 +6,8 @@ mean ± std (the shape of the paper's tables), written as Markdown.
 
 Everything after `--` is passed to train/target.py. Each run writes its JSON to RUNS_DIR/<method>/seed<seed>;
 runs whose run.json exists are skipped, and a run cut off continues from its last checkpoint (every 500 steps),
-so an interrupted comparison resumes where it stopped. --workers runs that many at once, one CPU thread each.
+so an interrupted comparison resumes where it stopped. --workers runs that many at once, the cores shared out
+between them; with two drivers at once, set OMP_NUM_THREADS for each.
 """
 
 from __future__ import annotations
@@ -41,10 +42,26 @@ def run_one(output: Path, target_args: list[str], threads: int) -> Path:
     return output
 
 
+def threads_per_run(workers: int) -> int:
+    """OMP_NUM_THREADS where the user set it, otherwise the cores shared out between the workers. Two drivers side
+    by side must be given OMP_NUM_THREADS: each sharing out every core oversubscribes them, and OpenMP's waiting
+    threads then slow every run several times over."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // workers)
+
+
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="runs at a time, the cores shared out between them (OMP_NUM_THREADS, if set, per run)",
+    )
+
+
 def run_all(jobs: list[tuple[Path, list[str]]], workers: int) -> list[str]:
-    """Run (output, target arguments) jobs, `workers` at a time with the cores shared out between them. A failed
-    run does not stop the others; returns the failures' messages."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    """Run (output, target arguments) jobs, `workers` at a time, each with `threads_per_run` threads. A failed run
+    does not stop the others; returns the failures' messages."""
+    threads = threads_per_run(workers)
     failures = []
     with ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(run_one, output, args, threads) for output, args in jobs]:
@@ -87,7 +104,7 @@ def main(argv: list[str] | None = None) -> str:
         help="comma-separated; combine methods in one run with '+', e.g. metaperturb+manifold_mixup",
     )
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    add_workers_argument(parser)
     args = parser.parse_args(ours)
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
