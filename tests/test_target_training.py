@@ -329,6 +329,12 @@ def test_driver_shares_the_cores_out_unless_omp_num_threads_is_set(monkeypatch):
     assert [threads_per_run(workers) for workers in (1, 2, 3, 16)] == [8, 4, 2, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # another driver holds the other cores
     assert threads_per_run(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,2")  # OpenMP's nested form: the first level is each run's
+    assert threads_per_run(1) == 3
+    for bad in ("four", "0", "-1"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match=f"OMP_NUM_THREADS='{bad}' is not a thread count"):
+            threads_per_run(1)
 
 
 def test_comparison_driver_reports_a_failed_run(tmp_path):

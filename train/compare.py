@@ -45,8 +45,16 @@ def run_one(output: Path, target_args: list[str], threads: int) -> Path:
 def threads_per_run(workers: int) -> int:
     """OMP_NUM_THREADS where the user set it, otherwise the cores shared out between the workers. Two drivers side
     by side must be given OMP_NUM_THREADS: each sharing out every core oversubscribes them, and OpenMP's waiting
-    threads then slow every run several times over."""
-    return int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // workers)
+    threads then slow every run several times over. OpenMP's nested form ("4,2") counts by its first level."""
+    setting = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if not setting:
+        return max(1, (os.cpu_count() or 1) // workers)
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(
+            f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']!r} is not a thread count: set it to a positive integer "
+            "(threads per run) or unset it to share the cores out between --workers"
+        )
+    return int(setting)
 
 
 def add_workers_argument(parser: argparse.ArgumentParser) -> None:
