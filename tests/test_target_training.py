@@ -271,6 +271,26 @@ def target_command(output: Path, phi_dir: str, *extra: str) -> list[str]:
             "--output", str(output), *extra]  # fmt: skip
 
 
+def test_options_without_a_dataset_change_the_default_job(tmp_path, monkeypatch):
+    """`train/target.py --method base` is the default job (digits, 20 per class, the rest as test) with base; with
+    --dataset a run starts from the reference recipe; the output folder is named after dataset and method."""
+    from train.target import job_arguments, main, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    run = main(["--method", "base", "--model", "conv4", "--image-size", "16", "--steps", "2", "--eval-every", "2",
+                "--no-plots", "--no-progress"])  # fmt: skip
+    config = run["config"]
+    assert (config["dataset"], config["max_per_class"], config["test_rest"], config["method"]) == (
+        "digits", 20, True, "base")  # fmt: skip
+    assert run["data"] == {"train": 200, "test": 1597, "classes": [str(c) for c in range(10)]}
+    assert (tmp_path / "outputs" / "digits-base" / "run.json").is_file()
+    assert run["command"].startswith("python train/target.py --dataset digits --max-per-class 20")
+    assert parse_args(job_arguments(["--dataset", "fashion_mnist"])).steps == 10_000
+    assert parse_args(job_arguments(["--dataset=fashion_mnist"])).max_per_class is None
+    hub = TargetConfig(dataset="someone/flowers", method="metaperturb+dropblock")
+    assert hub.output_dir() == Path("outputs/flowers-metaperturb+dropblock")
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_network(tmp_path, phi_dir):
     """Killed without warning (SIGKILL: nothing is saved on the way out) after a checkpoint, then started again
     with --resume: the run continues from the checkpoint and ends with the network, metrics and history of a

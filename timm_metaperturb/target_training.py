@@ -82,7 +82,7 @@ class TargetConfig:
     info_alpha_max: float = 0.7
     mixup_alpha: float = 2.0
     seed: int = 0
-    output: str = "outputs/target"
+    output: str | None = None  # default: outputs/<dataset>-<method>, see output_dir()
     plots: bool = True
     progress: bool = True
     device: str = "cpu"
@@ -101,6 +101,11 @@ class TargetConfig:
         if "base" in methods and len(methods) > 1:
             raise ValueError("'base' means no regularizer: do not combine it with other methods")
         return [m for m in methods if m != "base"]
+
+    def output_dir(self) -> Path:
+        """Where the run writes: --output, else outputs/<dataset>-<method> (the dataset's last path part, so a Hub
+        name or a local folder gives a plain folder name)."""
+        return Path(self.output or f"outputs/{Path(self.dataset.rstrip('/')).name}-{self.method}")
 
     def final_eval_modes(self) -> list[str]:
         modes = [m.strip() for m in self.final_modes.split(",") if m.strip()]
@@ -348,7 +353,7 @@ def restore_training_state(
 
 
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
-    """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output`."""
+    """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output_dir()`."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -375,7 +380,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     mixup = attached.get("manifold_mixup")
     info = attached.get("information_dropout")
     history, strengths, start, elapsed = [], [], 0, 0.0
-    output = Path(cfg.output)
+    output = cfg.output_dir()
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / CHECKPOINT_FILE
     if cfg.resume and checkpoint.is_file():

@@ -2,9 +2,12 @@
 (accuracy, NLL, ECE), writing run.json, network.safetensors and plots to --output.
 
 With no arguments it runs the embedded default job: ResNet-20 with MetaPerturb (the shipped φ) on
-scikit-learn's digits at 32x32, 20 training images per class and the other 1,597 images as the test set:
+scikit-learn's digits at 32x32, 20 training images per class and the other 1,597 images as the test set, 400 steps:
     python train/target.py
-Any other run, e.g. Fashion-MNIST classes 5-9 with 100 images per class, DropBlock, the reference recipe:
+Options without --dataset change that job (here: the same job with DropBlock, written to outputs/digits-dropblock):
+    python train/target.py --method dropblock
+With --dataset, the run starts from the reference recipe (10,000 steps) instead, e.g. Fashion-MNIST classes 5-9 with
+100 images per class and DropBlock:
     python train/target.py --dataset fashion_mnist --classes 5-9 --max-per-class 100 --method dropblock
 Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination joined by '+';
 --init-from CHECKPOINT fine-tunes from a network.safetensors of an earlier run (the classifier is re-initialised
@@ -20,9 +23,9 @@ import sys
 from timm_metaperturb.cli import config_parser
 from timm_metaperturb.target_training import TargetConfig, train_target
 
-# the embedded default job (no arguments): small enough for 5 minutes on 2 CPU cores
+# the embedded default job (no --dataset): small enough for 5 minutes on 2 CPU cores
 DEFAULT_JOB = ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip", "--steps", "400",
-               "--eval-every", "200", "--output", "outputs/digits-metaperturb"]  # fmt: skip
+               "--eval-every", "200"]  # fmt: skip
 
 HELP = {
     "dataset": "fashion_mnist, digits, a local image folder, or a Hugging Face Hub dataset name",
@@ -48,7 +51,16 @@ HELP = {
     "checkpoint_every": "save the training state to OUTPUT/checkpoint.pt every N steps (0: never); removed when the "
     "run completes",
     "resume": "continue from OUTPUT/checkpoint.pt where there is one (the same network as an uninterrupted run)",
+    "output": "the folder for run.json, network.safetensors and plots (default: outputs/<dataset>-<method>)",
 }
+
+
+def job_arguments(argv: list[str]) -> list[str]:
+    """The arguments a run parses: argv alone where it names a dataset, else the default job with argv's options
+    on top (argparse keeps an option's last value), so that `--method base` or `--device cuda` changes the default
+    job instead of starting a 10,000-step run on a dataset that needs a test split chosen."""
+    names_dataset = any(arg == "--dataset" or arg.startswith("--dataset=") for arg in argv)
+    return argv if names_dataset else [*DEFAULT_JOB, *argv]
 
 
 def parse_args(argv: list[str]) -> TargetConfig:
@@ -71,11 +83,11 @@ def results_table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_args(argv or DEFAULT_JOB)
-    run = train_target(cfg, command="python train/target.py " + shlex.join(argv or DEFAULT_JOB))
+    args = job_arguments(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(args)
+    run = train_target(cfg, command="python train/target.py " + shlex.join(args))
     print(results_table([run]))
-    print(f"\nrun.json, network.safetensors and plots in {cfg.output}")
+    print(f"\nrun.json, network.safetensors and plots in {cfg.output_dir()}")
     return run
 
 
