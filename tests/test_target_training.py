@@ -287,6 +287,7 @@ def test_options_without_a_dataset_change_the_default_job(tmp_path, monkeypatch)
     assert run["command"].startswith("python train/target.py --dataset digits --max-per-class 20")
     assert parse_args(job_arguments(["--dataset", "fashion_mnist"])).steps == 10_000
     assert parse_args(job_arguments(["--dataset=fashion_mnist"])).max_per_class is None
+    assert parse_args(job_arguments(["--data", "fashion_mnist"])).max_per_class is None  # argparse's abbreviation
     hub = TargetConfig(dataset="someone/flowers", method="metaperturb+dropblock")
     assert hub.output_dir() == Path("outputs/flowers-metaperturb+dropblock")
 

@@ -17,6 +17,7 @@ command with --resume.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
@@ -58,13 +59,19 @@ HELP = {
 def job_arguments(argv: list[str]) -> list[str]:
     """The arguments a run parses: argv alone where it names a dataset, else the default job with argv's options
     on top (argparse keeps an option's last value), so that `--method base` or `--device cuda` changes the default
-    job instead of starting a 10,000-step run on a dataset that needs a test split chosen."""
-    names_dataset = any(arg == "--dataset" or arg.startswith("--dataset=") for arg in argv)
-    return argv if names_dataset else [*DEFAULT_JOB, *argv]
+    job instead of starting a 10,000-step run on a dataset that needs a test split chosen. The parser decides
+    whether argv names a dataset, so every spelling it accepts (`--dataset=x`, the abbreviation `--data x`) counts."""
+    parser = target_parser()
+    parser.set_defaults(dataset=None)
+    return argv if parser.parse_args(argv).dataset is not None else [*DEFAULT_JOB, *argv]
+
+
+def target_parser() -> argparse.ArgumentParser:
+    return config_parser(TargetConfig, __doc__, HELP)
 
 
 def parse_args(argv: list[str]) -> TargetConfig:
-    return TargetConfig(**vars(config_parser(TargetConfig, __doc__, HELP).parse_args(argv)))
+    return TargetConfig(**vars(target_parser().parse_args(argv)))
 
 
 def results_table(runs: list[dict]) -> str:
