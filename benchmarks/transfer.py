@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.results import RESULTS, machine, write_section
@@ -35,6 +36,7 @@ TARGETS = {
     "fmnist5-9": ["--dataset", "fashion_mnist", "--classes", "5-9", "--max-per-class", "100"],
     "digits": ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip"],
 }
+Cell = tuple[str, str]  # (target, network)
 CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4"), ("digits", "conv4"),
          ("fmnist5-9", "resnet18")]  # fmt: skip
 REGIME_SIZES = (20, 50, 100, 500)  # training images per class, resnet20 on Fashion-MNIST 5-9
@@ -49,12 +51,17 @@ ABLATIONS = {  # rows beside base and metaperturb on ABLATION_CELL: one change e
     "metaperturb-no-noise": ["--phi-components", "scale"],  # z fixed to 1: a deterministic channel scale
 }
 METRICS = (("accuracy", 2), ("nll", 3), ("ece", 2))
+# what every row is also paired with: the shipped φ in its default evaluation (one deterministic pass, batch norm
+# re-estimated), so that "does φ beat this row?" reads off the table, seed by seed, with its standard error
+PHI_DEFAULT = ("metaperturb", "mean-bn")
 SETUP = (
     "Fashion-MNIST classes 5-9: 100 training images per class, all 5,000 test images; digits: 20 per class, the "
     "other 1,597 as test, no horizontal flip. Rows: metaperturb = the shipped φ, metaperturb-authors = the "
     "authors' φ (`official_phi_tin_resnet20.pth`). MetaPerturb evaluations: sample-N = Monte-Carlo over N sampled "
     "passes, mean = one pass with the noise replaced by its expectation, mean-bn = the same after batch norm's "
-    "statistics are re-estimated in that mode on the training images; baselines are deterministic (final)."
+    "statistics are re-estimated in that mode on the training images; baselines are deterministic (final). The "
+    "last two columns pair runs by seed (same training images, same initialisation): a row minus base, and the "
+    "shipped φ's default (metaperturb, mean-bn) minus the row, which is positive where φ beats it."
 )
 
 ABLATION_SETUP = (
@@ -72,7 +79,7 @@ def target_args(target: str) -> list[str]:
     return TARGETS[name] + (["--max-per-class", per_class] if per_class else [])
 
 
-def regime_cell(per_class: int) -> tuple[str, str]:
+def regime_cell(per_class: int) -> Cell:
     return ("fmnist5-9" if per_class == 100 else f"fmnist5-9@{per_class}", "resnet20")
 
 
@@ -103,7 +110,7 @@ def regime_plot(runs: Path, seeds: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def card_rows(runs: Path, cells: list[tuple[str, str]], seeds: list[int], source: str) -> list[dict]:
+def card_rows(runs: Path, cells: list[Cell], seeds: list[int], source: str) -> list[dict]:
     """The shipped φ's transfer rows for its model card: mean accuracy of base and of each MetaPerturb
     evaluation (the shipped φ and the authors'), per cell."""
     table = []
@@ -161,11 +168,11 @@ def is_combination(row: str) -> bool:
     return len(methods) > 1 and len(set(methods)) == len(methods) and set(methods) <= {*BASELINES[1:], "metaperturb"}
 
 
-def run_dir(runs: Path, cell: tuple[str, str], row: str, seed: int) -> Path:
+def run_dir(runs: Path, cell: Cell, row: str, seed: int) -> Path:
     return runs / f"{cell[0]}-{cell[1]}" / row / f"seed{seed}"
 
 
-def results(runs: Path, cell: tuple[str, str], row: str, seeds: list[int]) -> dict[str, list[dict]]:
+def results(runs: Path, cell: Cell, row: str, seeds: list[int]) -> dict[str, list[dict]]:
     """Finished runs' metrics per evaluation: "final" (baselines) or each MetaPerturb evaluation mode, each with
     the run's seed."""
     found: dict[str, list[dict]] = {}
@@ -178,54 +185,80 @@ def results(runs: Path, cell: tuple[str, str], row: str, seeds: list[int]) -> di
     return found
 
 
+def accuracy_by_seed(runs: Path, cell: Cell, row: str, mode: str, seeds: list[int]) -> dict[int, float]:
+    return {m["seed"]: m["accuracy"] for m in results(runs, cell, row, seeds).get(mode, [])}
+
+
 def seed_gains(metrics: list[dict], base: dict[int, float]) -> list[float]:
     """Accuracy minus base's on the same seed, for each seed base also has: a seed draws the training images and
     the initialisation for every row alike, so pairing removes most of the seed-to-seed spread."""
     return [m["accuracy"] - base[m["seed"]] for m in metrics if m["seed"] in base]
 
 
-def paired_gain(metrics: list[dict], base: dict[int, float]) -> str:
-    """Mean gain over base on the same seeds (standard error)."""
-    gains = seed_gains(metrics, base)
-    if len(gains) < 2:
-        return f"{gains[0]:+.2f}" if gains else "–"
-    return f"{statistics.mean(gains):+.2f} ({statistics.stdev(gains) / math.sqrt(len(gains)):.2f})"
+def phi_leads(metrics: list[dict], phi: dict[int, float]) -> list[float]:
+    """The shipped φ's default accuracy minus this row's, on each seed both have."""
+    return [phi[m["seed"]] - m["accuracy"] for m in metrics if m["seed"] in phi]
 
 
-def cell_table(runs: Path, cell: tuple[str, str], names: list[str], seeds: list[int]) -> str:
-    header = "| row | evaluation | accuracy (%) | NLL | ECE (%) | seeds | minus base, same seeds (standard error) |"
-    lines = [f"**{cell[1]} on {cell[0]}**", "", header, "| --- | --- | --- | --- | --- | --- | --- |"]
-    base = {m["seed"]: m["accuracy"] for m in results(runs, cell, "base", seeds).get("final", [])}
+def paired_mean(differences: list[float]) -> str:
+    """Mean of per-seed differences (standard error)."""
+    if len(differences) < 2:
+        return f"{differences[0]:+.2f}" if differences else "–"
+    mean, spread = statistics.mean(differences), statistics.stdev(differences)
+    return f"{mean:+.2f} ({spread / math.sqrt(len(differences)):.2f})"
+
+
+def cell_table(runs: Path, cell: Cell, names: list[str], seeds: list[int]) -> str:
+    header = (
+        "| row | evaluation | accuracy (%) | NLL | ECE (%) | seeds | minus base, same seeds (standard error) | "
+        "shipped φ's default minus this, same seeds (standard error) |"
+    )
+    lines = [f"**{cell[1]} on {cell[0]}**", "", header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = accuracy_by_seed(runs, cell, "base", "final", seeds)
+    phi = accuracy_by_seed(runs, cell, *PHI_DEFAULT, seeds)
     for row in names:
         for mode, metrics in results(runs, cell, row, seeds).items():
             cells = [mean_std([m[key] for m in metrics], digits) for key, digits in METRICS]
-            lines.append(
-                f"| {row} | {mode} | " + " | ".join(cells) + f" | {len(metrics)} | {paired_gain(metrics, base)} |"
-            )
+            pairs = [paired_mean(seed_gains(metrics, base)), paired_mean(phi_leads(metrics, phi))]
+            lines.append("| " + " | ".join([row, mode, *cells, str(len(metrics)), *pairs]) + " |")
     return "\n".join(lines)
 
 
-def summary(runs: Path, cells: list[tuple[str, str]], names: list[str], seeds: list[int]) -> str:
-    """Mean accuracy of each row and evaluation over the cells where it finished, and its gain over base on those
-    same cells and seeds (a row with fewer cells or seeds than base is compared like for like, not left out)."""
-    per_row: dict[tuple[str, str], dict[tuple[str, str], list[dict]]] = {}
-    base: dict[tuple[str, str], dict[int, float]] = {}
+def summary(runs: Path, cells: list[Cell], names: list[str], seeds: list[int]) -> str:
+    """Mean accuracy of each row and evaluation over the cells where it finished, its gain over base and the shipped
+    φ's lead over it on those same cells and seeds (a row with fewer cells or seeds than base is compared like for
+    like, not left out)."""
+    per_row: dict[tuple[str, str], dict[Cell, list[dict]]] = {}  # (row, evaluation): its runs per cell
+    base: dict[Cell, dict[int, float]] = {}
+    phi: dict[Cell, dict[int, float]] = {}
     for cell in cells:
-        base[cell] = {m["seed"]: m["accuracy"] for m in results(runs, cell, "base", seeds).get("final", [])}
+        base[cell] = accuracy_by_seed(runs, cell, "base", "final", seeds)
+        phi[cell] = accuracy_by_seed(runs, cell, *PHI_DEFAULT, seeds)
         for row in names:
             for mode, metrics in results(runs, cell, row, seeds).items():
                 per_row.setdefault((row, mode), {})[cell] = metrics
     lines = [
-        "| row | evaluation | mean accuracy over cells (%) | minus base, same cells and seeds | cells |",
-        "| --- | --- | --- | --- | --- |",
+        "| row | evaluation | mean accuracy over cells (%) | minus base, same cells and seeds | shipped φ's default "
+        "minus this, same cells and seeds | cells |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for (row, mode), by_cell in per_row.items():
-        gains = [statistics.mean(g) for cell, metrics in by_cell.items() if (g := seed_gains(metrics, base[cell]))]
-        gain_text = "–" if not gains else f"{statistics.mean(gains):+.2f}"
-        gain_text += "" if len(gains) in (0, len(by_cell)) else f" ({len(gains)})"
+        pairs = [cell_means(by_cell, base, seed_gains), cell_means(by_cell, phi, phi_leads)]
         accuracy = statistics.mean(statistics.mean(m["accuracy"] for m in metrics) for metrics in by_cell.values())
-        lines.append(f"| {row} | {mode} | {accuracy:.2f} | {gain_text} | {len(by_cell)} |")
+        lines.append(f"| {row} | {mode} | {accuracy:.2f} | " + " | ".join(pairs) + f" | {len(by_cell)} |")
     return "\n".join(lines)
+
+
+def cell_means(
+    by_cell: dict[Cell, list[dict]],
+    reference: dict[Cell, dict[int, float]],
+    differences: Callable[[list[dict], dict[int, float]], list[float]],
+) -> str:
+    """The mean over cells of each cell's mean paired difference against `reference`, with the number of cells in
+    brackets where the reference lacks some of the row's."""
+    means = [statistics.mean(d) for cell, metrics in by_cell.items() if (d := differences(metrics, reference[cell]))]
+    text = "–" if not means else f"{statistics.mean(means):+.2f}"
+    return text + ("" if len(means) in (0, len(by_cell)) else f" ({len(means)})")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -73,8 +73,8 @@ def test_summary_compares_a_partial_row_with_base_on_its_own_cells(tmp_path):
     write_runs(tmp_path, {"base": {0: 80.0}}, cell=("fmnist5-9", "conv4"))
     text = main(["--cells", "digits:conv4,fmnist5-9:conv4", "--rows", "base,dropblock", "--seeds", "0",
                  "--table-only", "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
-    assert "| base | final | 85.00 | +0.00 | 2 |" in text
-    assert "| dropblock | final | 95.00 | +5.00 | 1 |" in text
+    assert "| base | final | 85.00 | +0.00 | – | 2 |" in text  # no φ runs: nothing to pair with
+    assert "| dropblock | final | 95.00 | +5.00 | – | 1 |" in text
 
 
 def test_cell_table_pairs_each_row_with_base_seed_by_seed(tmp_path):
@@ -82,9 +82,9 @@ def test_cell_table_pairs_each_row_with_base_seed_by_seed(tmp_path):
     write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 91.0, 1: 96.0, 2: 99.0}})
     text = main(["--cells", "digits:conv4", "--rows", "base,dropblock", "--seeds", "0,1,2", "--table-only",
                  "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
-    assert "| base | final | 92.00 ± 2.83 | 0.100 ± 0.000 | 1.00 ± 0.00 | 2 | +0.00 (0.00) |" in text
+    assert "| base | final | 92.00 ± 2.83 | 0.100 ± 0.000 | 1.00 ± 0.00 | 2 | +0.00 (0.00) | – |" in text
     # gains +1 and +2 on seeds 0 and 1 (seed 2 has no base): mean +1.50, standard error stdev / sqrt(2) = 0.50
-    assert "| dropblock | final | 95.33 ± 4.04 | 0.100 ± 0.000 | 1.00 ± 0.00 | 3 | +1.50 (0.50) |" in text
+    assert "| dropblock | final | 95.33 ± 4.04 | 0.100 ± 0.000 | 1.00 ± 0.00 | 3 | +1.50 (0.50) | – |" in text
 
 
 def test_summary_pairs_a_row_with_base_on_the_seeds_both_have(tmp_path):
@@ -92,7 +92,37 @@ def test_summary_pairs_a_row_with_base_on_the_seeds_both_have(tmp_path):
     write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 95.0}})
     text = main(["--cells", "digits:conv4", "--rows", "base,dropblock", "--seeds", "0,1", "--table-only",
                  "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
-    assert "| dropblock | final | 95.00 | +5.00 | 1 |" in text  # 95 - 90 on seed 0; base's mean 92 would say +3
+    assert "| dropblock | final | 95.00 | +5.00 | – | 1 |" in text  # 95 - 90 on seed 0; base's mean 92 would say +3
+
+
+def test_every_row_is_paired_with_the_shipped_phis_default_seed_by_seed(tmp_path):
+    """The last column answers "does φ beat this row?": φ's default (mean-bn) minus the row, on the seeds both have,
+    per cell and, in the summary, averaged over the cells where φ ran."""
+    write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 92.0, 1: 95.0, 2: 97.0}})
+    write_runs(tmp_path, {"base": {0: 80.0}, "dropblock": {0: 85.0}}, cell=("fmnist5-9", "conv4"))
+    for seed, (sampled, default) in {0: (90.5, 93.0), 1: (94.5, 94.0)}.items():
+        path = run_dir(tmp_path, ("digits", "conv4"), "metaperturb", seed) / "run.json"
+        path.parent.mkdir(parents=True)
+        evaluations = {mode: {"accuracy": acc, "nll": 0.1, "ece": 1.0} for mode, acc in
+                       (("sample-1", sampled), ("mean-bn", default))}  # fmt: skip
+        path.write_text(json.dumps({"evaluations": evaluations, "wall_time_s": 60}))
+    text = main(["--cells", "digits:conv4,fmnist5-9:conv4", "--rows", "base,dropblock,metaperturb", "--seeds", "0,1,2",
+                 "--table-only", "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
+    fmnist, digits = text.split("**conv4 on fmnist5-9**")[1].split("**conv4 on digits**")  # CELLS' order
+
+    def pairs(table: str, row: str, mode: str) -> str:
+        """A cell-table line's last three columns: seeds, minus base, φ's lead."""
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} | {mode} |"))
+        return "|" + "|".join(line.split("|")[-4:])
+
+    # φ 93, 94 against DropBlock 92, 95 on seeds 0 and 1 (seed 2 has no φ run): +1 and -1, mean 0, error 1
+    assert pairs(digits, "dropblock", "final") == "| 3 | +1.50 (0.50) | +0.00 (1.00) |"
+    assert pairs(digits, "base", "final") == "| 2 | +0.00 (0.00) | +1.50 (1.50) |"
+    assert pairs(digits, "metaperturb", "sample-1") == "| 2 | +0.50 (0.00) | +1.00 (1.50) |"
+    assert pairs(digits, "metaperturb", "mean-bn") == "| 2 | +1.50 (1.50) | +0.00 (0.00) |"
+    assert pairs(fmnist, "dropblock", "final") == "| 1 | +5.00 | – |", "no φ run on this cell: nothing to pair"
+    # the summary averages φ's lead over the one cell φ ran on, and says so: (1) of DropBlock's 2 cells
+    assert "| dropblock | final | 89.83 | +3.25 | +0.00 (1) | 2 |" in text
 
 
 def test_regime_cells_and_plot(tmp_path):
