@@ -58,13 +58,28 @@ def test_combination_rows_train_the_methods_together(tmp_path):
     assert "| metaperturb+manifold_mixup | mean-bn |" in text
 
 
+def metrics(accuracy: float) -> dict:
+    return {"accuracy": accuracy, "nll": 0.1, "ece": 1.0}
+
+
+def write_run(runs, cell, row: str, seed: int, run: dict) -> None:
+    """A finished run's run.json, one minute of run time."""
+    path = run_dir(runs, cell, row, seed) / "run.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**run, "wall_time_s": 60}))
+
+
+def write_evaluations(runs, cell, row: str, seed: int, accuracies: dict[str, float]) -> None:
+    """A finished run with an accuracy per evaluation (sample-N, mean-bn, ...), as --final-modes writes them."""
+    evaluations = {mode: metrics(accuracy) for mode, accuracy in accuracies.items()}
+    write_run(runs, cell, row, seed, {"final": next(iter(evaluations.values())), "evaluations": evaluations})
+
+
 def write_runs(runs, accuracies: dict[str, dict[int, float]], cell=("digits", "conv4")) -> None:
-    """Finished runs of a baseline row on one cell: {row: {seed: accuracy}}."""
+    """Finished runs of a baseline row on one cell, with only a final evaluation: {row: {seed: accuracy}}."""
     for row, by_seed in accuracies.items():
         for seed, accuracy in by_seed.items():
-            path = run_dir(runs, cell, row, seed) / "run.json"
-            path.parent.mkdir(parents=True)
-            path.write_text(json.dumps({"final": {"accuracy": accuracy, "nll": 0.1, "ece": 1.0}, "wall_time_s": 60}))
+            write_run(runs, cell, row, seed, {"final": metrics(accuracy)})
 
 
 def test_summary_compares_a_partial_row_with_base_on_its_own_cells(tmp_path):
@@ -101,11 +116,7 @@ def test_every_row_is_paired_with_the_shipped_phis_default_seed_by_seed(tmp_path
     write_runs(tmp_path, {"base": {0: 90.0, 1: 94.0}, "dropblock": {0: 92.0, 1: 95.0, 2: 97.0}})
     write_runs(tmp_path, {"base": {0: 80.0}, "dropblock": {0: 85.0}}, cell=("fmnist5-9", "conv4"))
     for seed, (sampled, default) in {0: (90.5, 93.0), 1: (94.5, 94.0)}.items():
-        path = run_dir(tmp_path, ("digits", "conv4"), "metaperturb", seed) / "run.json"
-        path.parent.mkdir(parents=True)
-        evaluations = {mode: {"accuracy": acc, "nll": 0.1, "ece": 1.0} for mode, acc in
-                       (("sample-1", sampled), ("mean-bn", default))}  # fmt: skip
-        path.write_text(json.dumps({"evaluations": evaluations, "wall_time_s": 60}))
+        write_evaluations(tmp_path, ("digits", "conv4"), "metaperturb", seed, {"sample-1": sampled, "mean-bn": default})
     text = main(["--cells", "digits:conv4,fmnist5-9:conv4", "--rows", "base,dropblock,metaperturb", "--seeds", "0,1,2",
                  "--table-only", "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
     fmnist, digits = text.split("**conv4 on fmnist5-9**")[1].split("**conv4 on digits**")  # CELLS' order
@@ -130,10 +141,7 @@ def test_regime_cells_and_plot(tmp_path):
     assert regime_cell(100) == ("fmnist5-9", "resnet20"), "100 per class is the main table's cell, not run twice"
     for n in REGIME_SIZES:
         for row, evaluations in (("base", {"final": n}), ("metaperturb", {"sample-10": n + 1, "mean-bn": n + 2})):
-            path = run_dir(tmp_path, regime_cell(n), row, 0) / "run.json"
-            path.parent.mkdir(parents=True)
-            metrics = {k: {"accuracy": v, "nll": 0.1, "ece": 1.0} for k, v in evaluations.items()}
-            path.write_text(json.dumps({"final": metrics[next(iter(metrics))], "evaluations": metrics}))
+            write_evaluations(tmp_path, regime_cell(n), row, 0, evaluations)
     regime_plot(tmp_path, [0], tmp_path / "regime.png")
     assert (tmp_path / "regime.png").read_bytes()[:4] == b"\x89PNG"
     rows = card_rows(tmp_path, [regime_cell(20)], [0], "here")
@@ -156,10 +164,7 @@ def test_ablation_rows_and_phi_rows(tmp_path, capsys):
     assert list(table) == ["base", "metaperturb", "metaperturb-meta150", *ABLATIONS]
     assert table["metaperturb-meta150"] == ["--method", "metaperturb", "--phi", "phi150"]
     assert table["metaperturb-no-scale"] == ["--method", "metaperturb", "--phi-components", "noise"]
-    path = run_dir(tmp_path, ("fmnist5-9", "resnet20"), "metaperturb-no-noise", 0) / "run.json"
-    path.parent.mkdir(parents=True)
-    metrics = {"accuracy": 90.0, "nll": 0.3, "ece": 2.0}
-    path.write_text(json.dumps({"final": metrics, "evaluations": {"mean-bn": metrics}, "wall_time_s": 60}))
+    write_evaluations(tmp_path, ("fmnist5-9", "resnet20"), "metaperturb-no-noise", 0, {"mean-bn": 90.0})
     results = tmp_path / "R.md"
     text = main(["--ablation", "--table-only", "--seeds", "0", "--runs-dir", str(tmp_path), "--results", str(results)])
     assert (
