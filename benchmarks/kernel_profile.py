@@ -5,7 +5,7 @@ time among the C++ functions (the torch profiler stops at the kernel call):
     perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
 
 One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
-its backward drawing eps again, the scale's features and their backward; the default map is resnet20's first
+its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; the default map is resnet20's first
 stage (128 x 16 x 32 x 32, channels-first), one thread.
 """
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.calls):
         kernels.perturb_forward(x, None, 7, s, *weights, *NO_TABLE, 1.0, phi.clip, False)
         kernels.perturb_backward(grad, x, None, 7, s, *weights, 1.0, phi.clip, False)
-        kernels.scale_features_forward(x, scale_kernels)
-        kernels.scale_features_backward(grad_features, x, scale_kernels, False)
+        _, gates = kernels.scale_features_forward(x, scale_kernels, True)
+        kernels.scale_features_backward(grad_features, x, gates, scale_kernels, False)
 
 
 if __name__ == "__main__":

@@ -116,9 +116,34 @@ def test_frozen_phi_gets_no_kernel_gradients_and_the_same_input_gradient(device)
         grad, x, None, 5, torch.ones(6, device=device), *phi._noise_weights(), 1.0, CLIP, False
     )
     _, grad_scale_kernels = kernels.scale_features_backward(
-        torch.randn(4, 6, 4, device=device), x, phi.scale_kernels.detach(), False
+        torch.randn(4, 6, 4, device=device), x, None, phi.scale_kernels.detach(), False
     )
     assert grad_w1_self is grad_w2_mean is grad_scale_kernels is None
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 6, 5), (2, 6, 4, 7), (2, 5, 7, 3)])
+@pytest.mark.parametrize("kernel_grads", [False, True])
+def test_kept_relu_gates_give_the_gradients_of_computing_the_stencils_again(shape, kernel_grads):
+    """The C++ scale features keep relu's gates from the forward, a bit per value and kernel, 16 to a word along
+    each row: the backward from them equals, bit for bit, the one that computes K * x again, for rows of whole
+    words, with a remainder (42 values) and shorter than a word (15), where a pre-activation is exactly 0 (the
+    zeroed corner: no gradient) and for the kernels' gradients too."""
+    kernels = phi_cpu.cpu_kernels()
+    if kernels is None:
+        pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+    x = torch.randn(shape)
+    x[:, :, :3, :3] = 0.0
+    weights, grad_f = strong_phi(h_dim=6).scale_kernels.detach(), torch.randn(shape[0], shape[1], 6)
+    f, gates = kernels.scale_features_forward(x, weights, True)
+    f_alone, no_gates = kernels.scale_features_forward(x, weights, False)
+    assert torch.equal(f, f_alone) and no_gates is None
+    assert gates.shape == (shape[0], 6, shape[2], (shape[1] * shape[3] + 15) // 16)
+    kept = kernels.scale_features_backward(grad_f, x, gates, weights, kernel_grads)
+    again = kernels.scale_features_backward(grad_f, x, None, weights, kernel_grads)
+    for from_gates, recomputed in zip(kept, again, strict=True):
+        assert (from_gates is None and recomputed is None) or torch.equal(from_gates, recomputed)
+    with pytest.raises(RuntimeError, match="gates must be the ones scale_features_forward kept"):
+        kernels.scale_features_backward(grad_f, x, gates[:, :4], weights[:4], False)
 
 
 def assert_fused_equals_reference(phi, shape, layout, device):

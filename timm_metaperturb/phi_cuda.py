@@ -437,22 +437,23 @@ def perturb_backward(
 
 
 @_on_tensors_device
-def scale_features_forward(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """f = GAP(relu(K * x)), (B, C, h_dim)."""
+def scale_features_forward(x: torch.Tensor, kernels: torch.Tensor, keep_gates: bool) -> list[torch.Tensor | None]:
+    """[f = GAP(relu(K * x)), (B, C, h_dim), None]: relu's gates are not kept (`keep_gates` is for the C++ kernels'
+    interface); the backward finds them in the pass that also sums the kernels' gradients."""
     g = _geometry(x, kernels.shape[-1])
     batch, channels, height, width = x.shape
     part = x.new_empty(batch, g["grid"][0], channels, len(kernels))
     _scale_features_kernel[g["grid"]](x, kernels, part, *g["shape"], H_DIM=len(kernels), K=g["K"], **g["tiles"])
-    return part.sum(1) / (height * width)
+    return [part.sum(1) / (height * width), None]
 
 
 @_on_tensors_device
 def scale_features_backward(
-    grad_f: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, kernel_grads: bool
+    grad_f: torch.Tensor, x: torch.Tensor, gates: None, kernels: torch.Tensor, kernel_grads: bool
 ) -> list[torch.Tensor | None]:
     """[grad_x, grad_kernels (None without `kernel_grads`)] of `scale_features_forward`: which pre-activations are
-    positive is found once (a bit per kernel, one byte per element for up to 8 kernels), then read at every
-    neighbour."""
+    positive is found once here (a bit per kernel, one byte per element for up to 8 kernels; `gates`, the C++
+    kernels' kept ones, is None), then read at every neighbour."""
     g, h_dim = _geometry(x, kernels.shape[-1]), len(kernels)
     if h_dim > 31:
         raise ValueError(f"φ's CUDA kernels take at most 31 scale kernels, this φ has h_dim={h_dim}")

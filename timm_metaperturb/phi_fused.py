@@ -124,15 +124,20 @@ def normal_noise_like(x: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor
 
 
 class FusedScaleFeatures(torch.autograd.Function):
-    """f = GAP(relu(K * x)) of shape (B, C, h_dim) on the fused kernels; the backward computes K * x again."""
+    """f = GAP(relu(K * x)) of shape (B, C, h_dim) on the fused kernels. Where a gradient is wanted the C++ kernels
+    keep relu's gates from the forward (a bit per value and kernel) for the backward; the Triton kernels find them
+    again there."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, kernels)
-        return device_kernels(x).scale_features_forward(x, kernels)
+        f, gates = device_kernels(x).scale_features_forward(x, kernels, any(ctx.needs_input_grad))
+        ctx.save_for_backward(x, kernels, gates)
+        return f
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, kernels = ctx.saved_tensors  # the gradient to x comes in x's layout
-        grad_x, grad_kernels = device_kernels(x).scale_features_backward(grad, x, kernels, ctx.needs_input_grad[1])
+        x, kernels, gates = ctx.saved_tensors  # the gradient to x comes in x's layout
+        grad_x, grad_kernels = device_kernels(x).scale_features_backward(
+            grad, x, gates, kernels, ctx.needs_input_grad[1]
+        )
         return grad_x if ctx.needs_input_grad[0] else None, grad_kernels

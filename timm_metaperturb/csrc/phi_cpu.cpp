@@ -264,6 +264,8 @@ struct Padded {
       : g(geometry), channels(ch), row((geometry.width + 2 * geometry.pad) * ch),
         data((geometry.height + 2 * geometry.pad) * row, 0.0f) {}
   const float* at(int64_t i, int64_t j) const { return data.data() + i * row + j * channels; }
+  // The interior's row i (image row i, inside the border), to write in place of `fill`.
+  float* interior(int64_t i) { return data.data() + (i + g.pad) * row + g.pad * channels; }
   // Where each of a k x k stencil's taps starts reading for output row i: taps[di * k + dj].
   void row_taps(int64_t i, int64_t k, const float** taps) const {
     for (int64_t di = 0; di < k; ++di)
@@ -345,9 +347,10 @@ void stencil(const Padded& x, const float* w, float* y, bool flip, bool accumula
   stencil_impl<0>(x, w, y, flip, accumulate, pixel_bias, relu);
 }
 
-// grad_w[d] += scale * sum_p grad[p] . x[p + d] for one image, x padded: the stencil's gradient to its kernel.
-// For 3x3 kernels one pass keeps all nine sums in registers; other sizes take one pass per tap.
-void stencil_weight_grad(const float* grad, const Padded& x, float* grad_w, float scale) {
+// grad_w[d] += scale * sum_p grad[p] . x[p + d] for one image, x padded, grad's row i at grad + i * grad_stride: the
+// stencil's gradient to its kernel. For 3x3 kernels one pass keeps all nine sums in registers; other sizes take one
+// pass per tap.
+void stencil_weight_grad(const float* grad, int64_t grad_stride, const Padded& x, float* grad_w, float scale) {
   const Geometry& g = x.g;
   const int64_t n = g.width * x.channels;
   if (g.ksize == 3) {
@@ -355,7 +358,7 @@ void stencil_weight_grad(const float* grad, const Padded& x, float* grad_w, floa
     const int64_t ch = x.channels;
     for (int64_t i = 0; i < g.height; ++i) {
       float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
-      const float* __restrict gi = grad + i * n;
+      const float* __restrict gi = grad + i * grad_stride;
       const float* __restrict r0 = x.at(i, 0);
       const float* __restrict r1 = x.at(i + 1, 0);
       const float* __restrict r2 = x.at(i + 2, 0);
@@ -381,7 +384,7 @@ void stencil_weight_grad(const float* grad, const Padded& x, float* grad_w, floa
   for (int64_t di = 0; di < g.ksize; ++di) {
     for (int64_t dj = 0; dj < g.ksize; ++dj) {
       float sum = 0.0f;
-      for (int64_t i = 0; i < g.height; ++i) sum += dot(grad + i * n, x.at(i + di, dj), n);
+      for (int64_t i = 0; i < g.height; ++i) sum += dot(grad + i * grad_stride, x.at(i + di, dj), n);
       grad_w[di * g.ksize + dj] += scale * sum;
     }
   }
@@ -458,9 +461,10 @@ void equivariant_backward(const float* grad, const MapAndMean& input, const floa
   const Geometry& g = input.map.g;
   t.grad.fill(grad);
   if (grad_w_self != nullptr) {
-    stencil_weight_grad(grad, input.map, grad_w_self, 1.0f);
+    stencil_weight_grad(grad, g.width * g.channels, input.map, grad_w_self, 1.0f);
     // the mean part: d/dw_mean = sum_p G[p] mean[p + d] with G the channel sum = C * the channel mean
-    stencil_weight_grad(t.grad.plain_mean.data(), input.mean, grad_w_mean, static_cast<float>(g.channels));
+    stencil_weight_grad(t.grad.plain_mean.data(), g.width, input.mean, grad_w_mean,
+                        static_cast<float>(g.channels));
   }
   equivariant(t.grad, w_self, w_mean, dx, true, accumulate, t.pixels.data());
 }
@@ -516,57 +520,129 @@ void modulate_backward(int64_t pixels, int64_t C, const float* __restrict grad_o
   }
 }
 
+// relu's gates of a row of n values as bits, 16 to a word: bit l of word w is set where value 16 w + l is above 0
+// (not at NaN, as in the torch operators' backward). The forward keeps them so that the backward need not compute
+// the stencils again: a thirty-second of the map's memory per kernel.
+void pack_gates(const float* __restrict v, int64_t n, uint16_t* __restrict bits) {
+  for (int64_t e = 0; e < n; e += 16) {
+    uint16_t word = 0;
+    for (int64_t l = 0; l < 16 && e + l < n; ++l) word |= static_cast<uint16_t>(v[e + l] > 0.0f ? 1u << l : 0u);
+    bits[e / 16] = word;
+  }
+}
+
+// y[e] = g[e] where bit e of the row's gates is set, else 0: the gradient through relu.
+void apply_gates(const uint16_t* __restrict bits, const float* __restrict g, int64_t n, float* __restrict y) {
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  for (; e + 16 <= n; e += 16) _mm512_storeu_ps(y + e, _mm512_maskz_loadu_ps(bits[e / 16], g + e));
+#endif
+  for (; e < n; ++e) y[e] = (bits[e / 16] >> (e % 16)) & 1u ? g[e] : 0.0f;
+}
+
 // The scale's shared kernels in groups of four, the last group padded with zero kernels: one pass over an image's
 // taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (it keeps the
-// taps' row pointers).
+// taps' row pointers and a row buffer).
 class KernelGroups {
  public:
   static constexpr int64_t size = 4;
 
-  explicit KernelGroups(const Tensor& kernels)
-      : ksize_(kernels.size(-1)), taps_(ksize_ * ksize_),
-        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), src_(taps_) {
+  KernelGroups(const Tensor& kernels, const Geometry& g)
+      : ksize_(kernels.size(-1)), taps_(ksize_ * ksize_), n_(g.width * g.channels),
+        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), src_(size * taps_), rows_(size * n_) {
     const Tensor k = kernels.contiguous();
     std::copy_n(k.data_ptr<float>(), k.numel(), weights_.begin());
   }
 
-  // Row i of one image (x padded) under the four kernels first, ..., first + 3: rows[h * n + e] = (K_{first + h} *
-  // x)[i, e] for the row's n = W * C elements.
-  void stencil_row(const Padded& x, int64_t first, int64_t i, float* __restrict rows) {
-    if (ksize_ == 3) return stencil_row_impl<3>(x, first, i, rows);
-    stencil_row_impl<0>(x, first, i, rows);
+  // Row i of one image (x padded) under the four kernels first, ..., first + 3: relu((K_{first + h} * x)[i]) added
+  // to sums[h * n ...] (where sums is given) and relu's gates packed into gates[h] (where given), for the row's
+  // n = W * C values. The forward's features and the backward's gates both come from here, so they agree.
+  void relu_row(const Padded& x, int64_t first, int64_t i, float* __restrict sums, uint16_t* const* gates) {
+    const float* w = weights_.data() + first * taps_;
+    const float** src = src_.data();
+    x.row_taps(i, ksize_, src);
+#if defined(__AVX512F__)
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t e = 0; e < n_; e += 16) {  // the last vector masked to the row's end
+      const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+      __m512 v[size] = {zero, zero, zero, zero};
+      for (int64_t d = 0; d < taps_; ++d) {
+        const __m512 xd = _mm512_maskz_loadu_ps(lanes, src[d] + e);
+        for (int64_t h = 0; h < size; ++h) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps_ + d]), xd, v[h]);
+      }
+      for (int64_t h = 0; h < size; ++h) {
+        if (gates != nullptr && gates[h] != nullptr)
+          gates[h][e / 16] = static_cast<uint16_t>(_mm512_mask_cmp_ps_mask(lanes, v[h], zero, _CMP_GT_OQ));
+        if (sums != nullptr) {  // max(0, v) keeps a NaN v, as torch's relu does
+          float* row = sums + h * n_ + e;
+          _mm512_mask_storeu_ps(row, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), _mm512_max_ps(zero, v[h])));
+        }
+      }
+    }
+#else
+    float* __restrict rows = rows_.data();
+    for (int64_t e = 0; e < n_; ++e) {
+      float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
+      for (int64_t d = 0; d < taps_; ++d) {
+        const float xd = src[d][e];
+        v0 += w[d] * xd;
+        v1 += w[taps_ + d] * xd;
+        v2 += w[2 * taps_ + d] * xd;
+        v3 += w[3 * taps_ + d] * xd;
+      }
+      rows[e] = v0;
+      rows[n_ + e] = v1;
+      rows[2 * n_ + e] = v2;
+      rows[3 * n_ + e] = v3;
+    }
+    for (int64_t h = 0; h < size; ++h) {
+      if (gates != nullptr && gates[h] != nullptr) pack_gates(rows + h * n_, n_, gates[h]);
+      if (sums != nullptr)
+        for (int64_t e = 0; e < n_; ++e) sums[h * n_ + e] += rows[h * n_ + e] < 0.0f ? 0.0f : rows[h * n_ + e];
+    }
+#endif
+  }
+
+  // y[i] = sum over the group's four kernels of K_{first + h}^T v_h, row i of one image, each v_h padded: the
+  // transposed stencils (kernels turned around) of the gated gradients in one pass (a zero kernel padding the last
+  // group reads a v_h of zeros).
+  void transposed_row(const Padded* const* v, int64_t first, int64_t i, float* __restrict y) {
+    const float* w = weights_.data() + first * taps_;
+    const float** src = src_.data();
+    for (int64_t h = 0; h < size; ++h) v[h]->row_taps(i, ksize_, src + h * taps_);
+#if defined(__AVX512F__)
+    for (int64_t e = 0; e < n_; e += 16) {
+      const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+      __m512 sums[size];  // one chain of multiply-adds per kernel, so that four run at once
+      for (int64_t h = 0; h < size; ++h) sums[h] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < taps_; ++d)
+        for (int64_t h = 0; h < size; ++h)
+          sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps_ + taps_ - 1 - d]),
+                                    _mm512_maskz_loadu_ps(lanes, src[h * taps_ + d] + e), sums[h]);
+      _mm512_mask_storeu_ps(y + e, lanes, _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+    }
+#else
+    for (int64_t e = 0; e < n_; ++e) {
+      float sum = 0.0f;
+      for (int64_t h = 0; h < size; ++h)
+        for (int64_t d = 0; d < taps_; ++d) sum += w[h * taps_ + taps_ - 1 - d] * src[h * taps_ + d][e];
+      y[e] = sum;
+    }
+#endif
   }
 
  private:
-  template <int KT>
-  void stencil_row_impl(const Padded& x, int64_t first, int64_t i, float* __restrict rows) {
-    const int64_t K = KT > 0 ? KT : ksize_, taps = K * K, n = x.g.width * x.channels;
-    const float* __restrict w0 = weights_.data() + first * taps;
-    const float* __restrict w1 = w0 + taps;
-    const float* __restrict w2 = w1 + taps;
-    const float* __restrict w3 = w2 + taps;
-    const float** src = src_.data();
-    x.row_taps(i, K, src);
-    for (int64_t e = 0; e < n; ++e) {
-      float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
-      for (int64_t d = 0; d < taps; ++d) {
-        const float xd = src[d][e];
-        v0 += w0[d] * xd;
-        v1 += w1[d] * xd;
-        v2 += w2[d] * xd;
-        v3 += w3[d] * xd;
-      }
-      rows[e] = v0;
-      rows[n + e] = v1;
-      rows[2 * n + e] = v2;
-      rows[3 * n + e] = v3;
-    }
-  }
-
-  int64_t ksize_, taps_;
+  int64_t ksize_, taps_, n_;
   std::vector<float> weights_;
   std::vector<const float*> src_;
+  std::vector<float> rows_;  // the portable relu_row's four rows
 };
+
+// The gates' words of row i of kernel h in image b, gates being (B, h_dim, H, words) 16-bit words.
+uint16_t* gate_row(const Tensor& gates, int64_t b, int64_t h, int64_t i) {
+  const int64_t h_dim = gates.size(1), height = gates.size(2), words = gates.size(3);
+  return reinterpret_cast<uint16_t*>(gates.data_ptr<int16_t>()) + ((b * h_dim + h) * height + i) * words;
+}
 
 const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
 
@@ -660,70 +736,94 @@ std::vector<Tensor> perturb_backward(const Tensor& grad_out, const Tensor& x, co
 
 // f[b, c, i] = mean over pixels of relu(K_i * x)[b, c] for the shared kernels K (h_dim, 1, k, k), four kernels per
 // pass over x (see KernelGroups); each row's relu values are summed in place and over the row's pixels at the end.
-Tensor scale_features_forward(const Tensor& x, const Tensor& kernels) {
+// With `keep_gates`, also relu's gates as bits (see pack_gates) for the backward, else undefined.
+std::vector<Tensor> scale_features_forward(const Tensor& x, const Tensor& kernels, bool keep_gates) {
   const Geometry g = geometry(x, kernels);
   const int64_t h_dim = kernels.size(0), C = g.channels, n = g.width * C;
   Tensor f = at::zeros({g.batch, h_dim, C}, x.options());
+  Tensor gates = keep_gates ? at::empty({g.batch, h_dim, g.height, (n + 15) / 16}, x.options().dtype(at::kShort))
+                            : Tensor();
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
-    KernelGroups groups(kernels);
+    KernelGroups groups(kernels, g);
     Padded xp(g, C);
     Images x_images(g, x);
-    std::vector<float> rows(KernelGroups::size * n), sums(KernelGroups::size * n);
+    std::vector<float> sums(KernelGroups::size * n);
+    uint16_t* gate_rows[KernelGroups::size];
     for (int64_t b = b0; b < b1; ++b) {
       xp.fill(x_images.read(b));
       for (int64_t first = 0; first < h_dim; first += KernelGroups::size) {
+        const int64_t count = std::min(KernelGroups::size, h_dim - first);
         std::fill(sums.begin(), sums.end(), 0.0f);
         for (int64_t i = 0; i < g.height; ++i) {
-          groups.stencil_row(xp, first, i, rows.data());
-          for (int64_t e = 0; e < KernelGroups::size * n; ++e) sums[e] += rows[e] < 0.0f ? 0.0f : rows[e];
+          for (int64_t h = 0; h < KernelGroups::size; ++h)  // none for the zero kernels that pad the last group
+            gate_rows[h] = keep_gates && h < count ? gate_row(gates, b, first + h, i) : nullptr;
+          groups.relu_row(xp, first, i, sums.data(), gate_rows);
         }
-        for (int64_t h = first; h < std::min(first + KernelGroups::size, h_dim); ++h) {
-          float* fh = f.data_ptr<float>() + (b * h_dim + h) * C;
-          const float* row = sums.data() + (h - first) * n;
+        for (int64_t h = 0; h < count; ++h) {
+          float* fh = f.data_ptr<float>() + (b * h_dim + first + h) * C;
+          const float* row = sums.data() + h * n;
           for (int64_t j = 0; j < g.width; ++j)
             for (int64_t c = 0; c < C; ++c) fh[c] += row[j * C + c];
         }
       }
     }
   });
-  return f.div_(static_cast<double>(g.pixels())).transpose(1, 2);
+  return {f.div_(static_cast<double>(g.pixels())).transpose(1, 2), gates};
 }
 
 // Gradients of scale_features_forward to x and, with `kernel_grads` (φ being trained), the kernels (else
-// undefined); K_i * x is computed again rather than kept, four kernels per pass.
-std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& x, const Tensor& kernels,
-                                            bool kernel_grads) {
+// undefined). relu's gates are read from `gates` where the forward kept them, else found again from K * x, four
+// kernels per pass; x itself is read only then, or for the kernels' gradients. The gated gradients are written
+// into padded images, which the transposed stencils of a group then read in one pass.
+std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& x, const std::optional<Tensor>& gates,
+                                            const Tensor& kernels, bool kernel_grads) {
   const Geometry g = geometry(x, kernels);
-  const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels, n = g.width * C;
+  const int64_t h_dim = kernels.size(0), taps = g.ksize * g.ksize, C = g.channels, n = g.width * C,
+                words = (n + 15) / 16;
+  if (gates.has_value())
+    TORCH_CHECK(gates->sizes() == at::IntArrayRef({g.batch, h_dim, g.height, words}) &&
+                    gates->scalar_type() == at::kShort && gates->is_contiguous(),
+                "the gates must be the ones scale_features_forward kept for this map and these kernels");
+  const bool read_x = !gates.has_value() || kernel_grads;
   Tensor grad = grad_f.transpose(1, 2).contiguous().div_(static_cast<double>(g.pixels()));  // (B, h_dim, C)
   Tensor grad_x = at::empty_like(x, g.layout());
   Tensor grad_k = kernel_grads ? at::zeros({g.batch, h_dim, taps}, x.options()) : Tensor();
   at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
-    KernelGroups groups(kernels);
-    Padded xp(g, C), vp(g, C);
+    KernelGroups groups(kernels, g);
+    Padded xp(g, C);
+    std::vector<Padded> gated(KernelGroups::size, Padded(g, C));  // the gated gradients, one image per kernel
+    const Padded* gated_images[KernelGroups::size];
+    for (int64_t h = 0; h < KernelGroups::size; ++h) gated_images[h] = &gated[h];
     Images x_images(g, x), grad_x_images(g, grad_x);
-    std::vector<float> v(KernelGroups::size * g.image()), rows(KernelGroups::size * n),
-        grad_rows(KernelGroups::size * n, 0.0f);
+    std::vector<float> grad_rows(KernelGroups::size * n), row(n);
+    std::vector<uint16_t> found(KernelGroups::size * words);  // one row's gates, where found again
+    uint16_t* found_rows[KernelGroups::size];
+    for (int64_t h = 0; h < KernelGroups::size; ++h) found_rows[h] = found.data() + h * words;
     for (int64_t b = b0; b < b1; ++b) {
-      xp.fill(x_images.read(b));
+      if (read_x) xp.fill(x_images.read(b));
+      float* gxb = grad_x_images.target(b);
       for (int64_t first = 0; first < h_dim; first += KernelGroups::size) {
-        const int64_t last = std::min(first + KernelGroups::size, h_dim);
-        for (int64_t h = first; h < last; ++h)  // the feature's gradient along a row, for relu's gate
+        const int64_t count = std::min(KernelGroups::size, h_dim - first);
+        for (int64_t h = 0; h < count; ++h)  // the feature's gradient along a row, for relu's gate
           for (int64_t j = 0; j < g.width; ++j)
-            std::copy_n(ptr(grad) + (b * h_dim + h) * C, C, grad_rows.data() + (h - first) * n + j * C);
+            std::copy_n(ptr(grad) + (b * h_dim + first + h) * C, C, grad_rows.data() + h * n + j * C);
         for (int64_t i = 0; i < g.height; ++i) {
-          groups.stencil_row(xp, first, i, rows.data());
-          for (int64_t h = 0; h < KernelGroups::size; ++h) {
-            float* __restrict vi = v.data() + h * g.image() + i * n;
-            for (int64_t e = 0; e < n; ++e) vi[e] = rows[h * n + e] > 0.0f ? grad_rows[h * n + e] : 0.0f;
+          if (!gates.has_value()) groups.relu_row(xp, first, i, nullptr, found_rows);
+          for (int64_t h = 0; h < count; ++h) {
+            const uint16_t* bits = gates.has_value() ? gate_row(*gates, b, first + h, i) : found_rows[h];
+            apply_gates(bits, grad_rows.data() + h * n, n, gated[h].interior(i));
           }
         }
-        for (int64_t h = first; h < last; ++h) {
-          const float* vh = v.data() + (h - first) * g.image();
-          if (kernel_grads)
-            stencil_weight_grad(vh, xp, grad_k.data_ptr<float>() + (b * h_dim + h) * taps, 1.0f);
-          vp.fill(vh);
-          stencil(vp, ptr(kernels) + h * taps, grad_x_images.target(b), true, h > 0);
+        for (int64_t h = 0; h < count && kernel_grads; ++h)
+          stencil_weight_grad(gated[h].interior(0), gated[h].row, xp,
+                              grad_k.data_ptr<float>() + (b * h_dim + first + h) * taps, 1.0f);
+        for (int64_t i = 0; i < g.height; ++i) {
+          if (first == 0) {
+            groups.transposed_row(gated_images, first, i, gxb + i * n);
+          } else {  // a further group of kernels adds to the first's
+            groups.transposed_row(gated_images, first, i, row.data());
+            for (int64_t e = 0; e < n; ++e) gxb[i * n + e] += row[e];
+          }
         }
       }
       grad_x_images.store(b);
