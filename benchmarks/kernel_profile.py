@@ -5,8 +5,8 @@ time among the C++ functions (the torch profiler stops at the kernel call):
     perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
 
 One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
-its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; the default map is resnet20's first
-stage (128 x 16 x 32 x 32, channels-first), one thread.
+its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; the default map is
+resnet20's first stage (128 x 16 x 32 x 32, channels-first), one thread.
 """
 
 from __future__ import annotations

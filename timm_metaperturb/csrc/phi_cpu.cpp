@@ -541,34 +541,73 @@ void apply_gates(const uint16_t* __restrict bits, const float* __restrict g, int
 }
 
 // The scale's shared kernels in groups of four, the last group padded with zero kernels: one pass over an image's
-// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (it keeps the
-// taps' row pointers and a row buffer).
+// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (it keeps a
+// row buffer).
 class KernelGroups {
  public:
   static constexpr int64_t size = 4;
 
   KernelGroups(const Tensor& kernels, const Geometry& g)
       : ksize_(kernels.size(-1)), taps_(ksize_ * ksize_), n_(g.width * g.channels),
-        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), src_(size * taps_), rows_(size * n_) {
+        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), offsets_(taps_), rows_(size * n_) {
     const Tensor k = kernels.contiguous();
     std::copy_n(k.data_ptr<float>(), k.numel(), weights_.begin());
+    const int64_t row = (g.width + 2 * g.pad) * g.channels;  // a padded image's row (see Padded)
+    for (int64_t d = 0; d < taps_; ++d) offsets_[d] = d / ksize_ * row + d % ksize_ * g.channels;
   }
 
   // Row i of one image (x padded) under the four kernels first, ..., first + 3: relu((K_{first + h} * x)[i]) added
   // to sums[h * n ...] (where sums is given) and relu's gates packed into gates[h] (where given), for the row's
   // n = W * C values. The forward's features and the backward's gates both come from here, so they agree.
   void relu_row(const Padded& x, int64_t first, int64_t i, float* __restrict sums, uint16_t* const* gates) {
-    const float* w = weights_.data() + first * taps_;
-    const float** src = src_.data();
-    x.row_taps(i, ksize_, src);
+    if (ksize_ == 3) return relu_row_impl<3>(x, first, i, sums, gates);
+    relu_row_impl<0>(x, first, i, sums, gates);
+  }
+
+  // y[i] = sum over the group's four kernels of K_{first + h}^T v_h, row i of one image, each v_h padded: the
+  // transposed stencils (kernels turned around) of the gated gradients in one pass (a zero kernel padding the last
+  // group reads a v_h of zeros).
+  void transposed_row(const Padded* const* v, int64_t first, int64_t i, float* __restrict y) {
+    if (ksize_ == 3) return transposed_row_impl<3>(v, first, i, y);
+    transposed_row_impl<0>(v, first, i, y);
+  }
+
+ private:
+  // A group's weights and the taps' offsets, for kernels of size KT known at compile time copied onto the stack,
+  // where the compiler sees that the loops' stores leave them unchanged (it then keeps them in registers or reads
+  // them at fixed offsets); for any size (KT = 0) read where they are.
+  template <int KT>
+  struct Taps {
+    float copy_w[KT > 0 ? size * KT * KT : 1];
+    int64_t copy_off[KT > 0 ? KT * KT : 1];
+    const float* weights;
+    const int64_t* offsets;
+    Taps(const float* w, const int64_t* off, int64_t taps) : weights(w), offsets(off) {
+      if constexpr (KT > 0) {
+        std::copy_n(w, size * taps, copy_w);
+        std::copy_n(off, taps, copy_off);
+        weights = copy_w;
+        offsets = copy_off;
+      }
+    }
+  };
+
+  // KT: the kernel size where known at compile time (the taps' loops unrolled), else 0
+  template <int KT>
+  void relu_row_impl(const Padded& x, int64_t first, int64_t i, float* __restrict sums, uint16_t* const* gates) {
+    const int64_t taps = KT > 0 ? KT * KT : taps_;
+    const float* __restrict src = x.at(i, 0);
+    Taps<KT> t(weights_.data() + first * taps, offsets_.data(), taps);
+    const float* w = t.weights;
+    const int64_t* off = t.offsets;
 #if defined(__AVX512F__)
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t e = 0; e < n_; e += 16) {  // the last vector masked to the row's end
       const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
       __m512 v[size] = {zero, zero, zero, zero};
-      for (int64_t d = 0; d < taps_; ++d) {
-        const __m512 xd = _mm512_maskz_loadu_ps(lanes, src[d] + e);
-        for (int64_t h = 0; h < size; ++h) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps_ + d]), xd, v[h]);
+      for (int64_t d = 0; d < taps; ++d) {
+        const __m512 xd = _mm512_maskz_loadu_ps(lanes, src + off[d] + e);
+        for (int64_t h = 0; h < size; ++h) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps + d]), xd, v[h]);
       }
       for (int64_t h = 0; h < size; ++h) {
         if (gates != nullptr && gates[h] != nullptr)
@@ -583,12 +622,12 @@ class KernelGroups {
     float* __restrict rows = rows_.data();
     for (int64_t e = 0; e < n_; ++e) {
       float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
-      for (int64_t d = 0; d < taps_; ++d) {
-        const float xd = src[d][e];
+      for (int64_t d = 0; d < taps; ++d) {
+        const float xd = src[off[d] + e];
         v0 += w[d] * xd;
-        v1 += w[taps_ + d] * xd;
-        v2 += w[2 * taps_ + d] * xd;
-        v3 += w[3 * taps_ + d] * xd;
+        v1 += w[taps + d] * xd;
+        v2 += w[2 * taps + d] * xd;
+        v3 += w[3 * taps + d] * xd;
       }
       rows[e] = v0;
       rows[n_ + e] = v1;
@@ -603,39 +642,39 @@ class KernelGroups {
 #endif
   }
 
-  // y[i] = sum over the group's four kernels of K_{first + h}^T v_h, row i of one image, each v_h padded: the
-  // transposed stencils (kernels turned around) of the gated gradients in one pass (a zero kernel padding the last
-  // group reads a v_h of zeros).
-  void transposed_row(const Padded* const* v, int64_t first, int64_t i, float* __restrict y) {
-    const float* w = weights_.data() + first * taps_;
-    const float** src = src_.data();
-    for (int64_t h = 0; h < size; ++h) v[h]->row_taps(i, ksize_, src + h * taps_);
+  template <int KT>
+  void transposed_row_impl(const Padded* const* v, int64_t first, int64_t i, float* __restrict y) {
+    const int64_t taps = KT > 0 ? KT * KT : taps_;
+    const float* src[size];
+    for (int64_t h = 0; h < size; ++h) src[h] = v[h]->at(i, 0);
+    Taps<KT> t(weights_.data() + first * taps, offsets_.data(), taps);
+    const float* w = t.weights;
+    const int64_t* off = t.offsets;
 #if defined(__AVX512F__)
     for (int64_t e = 0; e < n_; e += 16) {
       const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
       __m512 sums[size];  // one chain of multiply-adds per kernel, so that four run at once
       for (int64_t h = 0; h < size; ++h) sums[h] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < taps_; ++d)
+      for (int64_t d = 0; d < taps; ++d)
         for (int64_t h = 0; h < size; ++h)
-          sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps_ + taps_ - 1 - d]),
-                                    _mm512_maskz_loadu_ps(lanes, src[h * taps_ + d] + e), sums[h]);
+          sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps + taps - 1 - d]),
+                                    _mm512_maskz_loadu_ps(lanes, src[h] + off[d] + e), sums[h]);
       _mm512_mask_storeu_ps(y + e, lanes, _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
     }
 #else
     for (int64_t e = 0; e < n_; ++e) {
       float sum = 0.0f;
       for (int64_t h = 0; h < size; ++h)
-        for (int64_t d = 0; d < taps_; ++d) sum += w[h * taps_ + taps_ - 1 - d] * src[h * taps_ + d][e];
+        for (int64_t d = 0; d < taps; ++d) sum += w[h * taps + taps - 1 - d] * src[h][off[d] + e];
       y[e] = sum;
     }
 #endif
   }
 
- private:
   int64_t ksize_, taps_, n_;
   std::vector<float> weights_;
-  std::vector<const float*> src_;
-  std::vector<float> rows_;  // the portable relu_row's four rows
+  std::vector<int64_t> offsets_;  // where each tap reads, from its output's position in a padded image
+  std::vector<float> rows_;       // the portable relu_row's four rows
 };
 
 // The gates' words of row i of kernel h in image b, gates being (B, h_dim, H, words) 16-bit words.
