@@ -3,6 +3,7 @@ time among the C++ functions (the torch profiler stops at the kernel call):
 
     perf record -o phi.perf python -m benchmarks.kernel_profile --calls 150
     perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
+    python -m benchmarks.kernel_profile --time    # each kernel's median time instead (interleaved calls)
 
 One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
 its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; the default map is
@@ -12,6 +13,8 @@ resnet20's first stage (128 x 16 x 32 x 32, channels-first), one thread.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=150, help="training steps' worth of kernel calls")
     parser.add_argument("--shape", default="128,16,32,32", help="the feature map, B,C,H,W")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--time", action="store_true", help="print each kernel's median time")
     args = parser.parse_args(argv)
     kernels = phi_cpu.cpu_kernels()
     if kernels is None:
@@ -35,11 +39,25 @@ def main(argv: list[str] | None = None) -> None:
     grad, s = torch.randn_like(x), torch.rand(x.shape[1])
     weights, scale_kernels = phi._noise_weights(), phi.scale_kernels.float()
     grad_features = torch.randn(x.shape[0], x.shape[1], phi.h_dim)
+    gates = kernels.scale_features_forward(x, scale_kernels, True)[1]
+    calls = {
+        "noise path forward": lambda: kernels.perturb_forward(x, None, 7, s, *weights, *NO_TABLE, 1.0, phi.clip, False),
+        "noise path backward": lambda: kernels.perturb_backward(grad, x, None, 7, s, *weights, 1.0, phi.clip, False),
+        "scale features forward": lambda: kernels.scale_features_forward(x, scale_kernels, True),
+        "scale features backward": lambda: kernels.scale_features_backward(
+            grad_features, x, gates, scale_kernels, False
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.calls):
-        kernels.perturb_forward(x, None, 7, s, *weights, *NO_TABLE, 1.0, phi.clip, False)
-        kernels.perturb_backward(grad, x, None, 7, s, *weights, 1.0, phi.clip, False)
-        _, gates = kernels.scale_features_forward(x, scale_kernels, True)
-        kernels.scale_features_backward(grad_features, x, gates, scale_kernels, False)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    if args.time:
+        print(f"{args.shape}, {args.threads} thread(s), medians of {args.calls} interleaved calls:")
+        for name, values in times.items():
+            print(f"  {name}: {statistics.median(values) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
