@@ -853,9 +853,12 @@ std::vector<Tensor> scale_features_backward(const Tensor& grad_f, const Tensor& 
             apply_gates(bits, grad_rows.data() + h * n, n, gated[h].interior(i));
           }
         }
-        for (int64_t h = 0; h < count && kernel_grads; ++h)
-          stencil_weight_grad(gated[h].interior(0), gated[h].row, xp,
-                              grad_k.data_ptr<float>() + (b * h_dim + first + h) * taps, 1.0f);
+        for (int64_t h = count; h < KernelGroups::size; ++h)  // a zero kernel's image: zeros, not an earlier group's
+          std::fill(gated[h].data.begin(), gated[h].data.end(), 0.0f);
+        if (kernel_grads)
+          for (int64_t h = 0; h < count; ++h)
+            stencil_weight_grad(gated[h].interior(0), gated[h].row, xp,
+                                grad_k.data_ptr<float>() + (b * h_dim + first + h) * taps, 1.0f);
         for (int64_t i = 0; i < g.height; ++i) {
           if (first == 0) {
             groups.transposed_row(gated_images, first, i, gxb + i * n);
