@@ -261,8 +261,9 @@ struct Padded {
   int64_t channels, row;
   std::vector<float> data;
   Padded(const Geometry& geometry, int64_t ch)
-      : g(geometry), channels(ch), row((geometry.width + 2 * geometry.pad) * ch),
+      : g(geometry), channels(ch), row(row_length(geometry, ch)),
         data((geometry.height + 2 * geometry.pad) * row, 0.0f) {}
+  static int64_t row_length(const Geometry& g, int64_t channels) { return (g.width + 2 * g.pad) * channels; }
   const float* at(int64_t i, int64_t j) const { return data.data() + i * row + j * channels; }
   // The interior's row i (image row i, inside the border), to write in place of `fill`.
   float* interior(int64_t i) { return data.data() + (i + g.pad) * row + g.pad * channels; }
@@ -541,18 +542,24 @@ void apply_gates(const uint16_t* __restrict bits, const float* __restrict g, int
 }
 
 // The scale's shared kernels in groups of four, the last group padded with zero kernels: one pass over an image's
-// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (it keeps a
-// row buffer).
+// taps then feeds four stencils (9 loads for 36 multiply-adds instead of 36 for 36). One per thread (the portable
+// build keeps a row buffer).
 class KernelGroups {
  public:
   static constexpr int64_t size = 4;
+#if defined(__AVX512F__)
+  static constexpr bool vectorised = true;  // 16-value vectors with AVX-512 intrinsics, else portable loops
+#else
+  static constexpr bool vectorised = false;
+#endif
 
   KernelGroups(const Tensor& kernels, const Geometry& g)
       : ksize_(kernels.size(-1)), taps_(ksize_ * ksize_), n_(g.width * g.channels),
-        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), offsets_(taps_), rows_(size * n_) {
+        weights_((kernels.size(0) + size - 1) / size * size * taps_, 0.0f), offsets_(taps_),
+        rows_(vectorised ? 0 : size * n_) {
     const Tensor k = kernels.contiguous();
     std::copy_n(k.data_ptr<float>(), k.numel(), weights_.begin());
-    const int64_t row = (g.width + 2 * g.pad) * g.channels;  // a padded image's row (see Padded)
+    const int64_t row = Padded::row_length(g, g.channels);
     for (int64_t d = 0; d < taps_; ++d) offsets_[d] = d / ksize_ * row + d % ksize_ * g.channels;
   }
 
@@ -603,7 +610,7 @@ class KernelGroups {
 #if defined(__AVX512F__)
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t e = 0; e < n_; e += 16) {  // the last vector masked to the row's end
-      const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+      const __mmask16 lanes = row_lanes(e);
       __m512 v[size] = {zero, zero, zero, zero};
       for (int64_t d = 0; d < taps; ++d) {
         const __m512 xd = _mm512_maskz_loadu_ps(lanes, src + off[d] + e);
@@ -614,7 +621,8 @@ class KernelGroups {
           gates[h][e / 16] = static_cast<uint16_t>(_mm512_mask_cmp_ps_mask(lanes, v[h], zero, _CMP_GT_OQ));
         if (sums != nullptr) {  // max(0, v) keeps a NaN v, as torch's relu does
           float* row = sums + h * n_ + e;
-          _mm512_mask_storeu_ps(row, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), _mm512_max_ps(zero, v[h])));
+          const __m512 relu = _mm512_max_ps(zero, v[h]);
+          _mm512_mask_storeu_ps(row, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), relu));
         }
       }
     }
@@ -652,14 +660,15 @@ class KernelGroups {
     const int64_t* off = t.offsets;
 #if defined(__AVX512F__)
     for (int64_t e = 0; e < n_; e += 16) {
-      const __mmask16 lanes = n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+      const __mmask16 lanes = row_lanes(e);
       __m512 sums[size];  // one chain of multiply-adds per kernel, so that four run at once
       for (int64_t h = 0; h < size; ++h) sums[h] = _mm512_setzero_ps();
       for (int64_t d = 0; d < taps; ++d)
         for (int64_t h = 0; h < size; ++h)
           sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps + taps - 1 - d]),
                                     _mm512_maskz_loadu_ps(lanes, src[h] + off[d] + e), sums[h]);
-      _mm512_mask_storeu_ps(y + e, lanes, _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+      const __m512 total = _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3]));
+      _mm512_mask_storeu_ps(y + e, lanes, total);
     }
 #else
     for (int64_t e = 0; e < n_; ++e) {
@@ -670,6 +679,13 @@ class KernelGroups {
     }
 #endif
   }
+
+#if defined(__AVX512F__)
+  // The lanes of the 16-value vector at e that lie within the row: all but in the last vector.
+  __mmask16 row_lanes(int64_t e) const {
+    return n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+  }
+#endif
 
   int64_t ksize_, taps_, n_;
   std::vector<float> weights_;
