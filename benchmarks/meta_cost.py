@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results import machine, write_section
-from timm_metaperturb import MetaPerturb
+from timm_metaperturb import MetaPerturb, keep_freed_memory
 from timm_metaperturb.data import ImageTensors
 from timm_metaperturb.meta_training import MetaTrainConfig, TaskRunner
 from timm_metaperturb.tasks import make_tasks
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as meta-training on a CPU has it
 
     # random images in the shape of the real data: cost does not depend on pixel values
     n = args.classes * 4 * args.batch_size
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.meta_cost " + " ".join(sys.argv[1:] if argv is None else argv)
     table = f"""## Meta-training cost (`benchmarks/meta_cost.py`)
 
-Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process.
+Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process, malloc keeping freed memory.
 {args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}, T = {len(tasks)} tasks;
 medians of {args.repeats} interleaved repeats.
 

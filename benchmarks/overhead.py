@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results import machine, write_section
-from timm_metaperturb import MetaPerturb, SiteStatistics, inject_metaperturb, set_eval_noise
+from timm_metaperturb import MetaPerturb, SiteStatistics, inject_metaperturb, keep_freed_memory, set_eval_noise
 from timm_metaperturb.discovery import Site, discover_sites
 from timm_metaperturb.phi_reference import reference_perturb
 from timm_metaperturb.sites import SiteModule, attach
@@ -255,11 +255,22 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="add the training step captured in a CUDA graph (plain, fused φ)"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a CPU, malloc keeps freed memory as the training entry points have it (timm_metaperturb."
+        "keep_freed_memory); --no-keep-freed-memory: glibc's defaults, written to its own section",
+    )
     args = parser.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
+    malloc_defaults, malloc = args.device == "cpu" and not args.keep_freed_memory, ""
     if args.device == "cpu":
+        malloc = "glibc's malloc defaults; " if malloc_defaults else "malloc keeping freed memory; "
         torch.set_num_threads(2)
+        if args.keep_freed_memory:
+            keep_freed_memory()
     if args.profile:
         text = profile(args.device, batch_size=args.batch_size, compile=args.compile)
         PROFILES.mkdir(exist_ok=True)
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> str:
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
-        f"{'2 threads' if args.device == 'cpu' else args.device}; batch {args.batch_size}; "
+        f"{'2 threads' if args.device == 'cpu' else args.device}; {malloc}batch {args.batch_size}; "
         f"{'networks and inputs channels-last (NHWC)' if args.channels_last else 'NCHW'}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
         "backward, Adam. Project φ: fused = its fused kernels (the default: C++ on a CPU, `phi_cpu.py`; Triton on "
@@ -352,7 +363,8 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(text)
     section = "overhead" if args.device == "cpu" else f"overhead-{args.device}"
-    write_section(section + ("-channels-last" if args.channels_last else ""), text)
+    section += ("-channels-last" if args.channels_last else "") + ("-malloc-defaults" if malloc_defaults else "")
+    write_section(section, text)
     return text
 
 

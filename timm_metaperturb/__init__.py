@@ -6,10 +6,12 @@
 - `create_model` (factory.py): timm's create_model with `metaperturb=True`.
 - `models/`: the paper's networks, registered in timm (resnet20/32/44/56, wrn28_2, conv4, conv6, vgg9).
 - `meta_training.py` (meta-training φ), `target_training.py` (training with it), `regularizers.py` (the
-  paper's baselines), `data.py`, `tasks.py`, `metrics.py`, `plots.py`; `hub.py` and `model_card.py` (φ on the Hub).
+  paper's baselines), `data.py`, `tasks.py`, `metrics.py`, `plots.py`; `hub.py` and `model_card.py` (φ on the Hub);
+  `cpu_memory.py` (faster CPU training steps by keeping freed memory).
 """
 
 from . import models
+from .cpu_memory import keep_freed_memory
 from .discovery import NoBlocksError, Site, discover_sites, find_block_scopes
 from .factory import create_model
 from .injection import (
@@ -43,6 +45,7 @@ __all__ = [
     "find_block_scopes",
     "get_injection",
     "inject_metaperturb",
+    "keep_freed_memory",
     "load_official_checkpoint",
     "load_phi",
     "models",

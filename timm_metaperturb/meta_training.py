@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_memory import keep_freed_memory
 from .data import (
     Augmentation,
     EpochSampler,
@@ -193,6 +194,8 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
 
     _check_model(cfg.model)
     started = time.time()
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     output = Path(cfg.output)
     data = to_tensors(load_image_dataset(cfg.dataset, cfg.dataset_split), cfg.image_size)
     tasks = make_tasks(

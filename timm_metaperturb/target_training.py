@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .cpu_memory import keep_freed_memory
 from .data import (
     Augmentation,
     EpochSampler,
@@ -357,6 +358,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     from tqdm.auto import tqdm
 
     started = time.time()
+    if torch.device(cfg.device).type == "cpu":
+        keep_freed_memory()
     methods, final_modes = cfg.methods(), cfg.final_eval_modes()
     train, test = prepare_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
