@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as meta-training on a CPU has it
+    malloc = ", malloc keeping freed memory" if keep_freed_memory() else ""  # as meta-training on a CPU has it
 
     # random images in the shape of the real data: cost does not depend on pixel values
     n = args.classes * 4 * args.batch_size
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.meta_cost " + " ".join(sys.argv[1:] if argv is None else argv)
     table = f"""## Meta-training cost (`benchmarks/meta_cost.py`)
 
-Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process, malloc keeping freed memory.
+Command: `{command.strip()}`; machine: {machine()}; {args.threads} threads, one process{malloc}.
 {args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}, T = {len(tasks)} tasks;
 medians of {args.repeats} interleaved repeats.
 

@@ -267,10 +267,9 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
     malloc_defaults, malloc = args.device == "cpu" and not args.keep_freed_memory, ""
     if args.device == "cpu":
-        malloc = "glibc's malloc defaults; " if malloc_defaults else "malloc keeping freed memory; "
         torch.set_num_threads(2)
-        if args.keep_freed_memory:
-            keep_freed_memory()
+        kept = args.keep_freed_memory and keep_freed_memory()
+        malloc = "malloc keeping freed memory; " if kept else "the C library's malloc defaults; "
     if args.profile:
         text = profile(args.device, batch_size=args.batch_size, compile=args.compile)
         PROFILES.mkdir(exist_ok=True)
