@@ -17,7 +17,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -177,15 +177,20 @@ Geometry geometry(const Tensor& x, const Tensor& kernel) {
 
 Tensor empty_map(const Tensor& x) { return at::empty_like(x, at::MemoryFormat::ChannelsLast); }
 
-// dst (cols x rows) = src (rows x cols) transposed. With AVX-512, in 16 x 16 blocks transposed in registers
-// (element by element, a transpose costs several times a copy); elsewhere, and at the edges, one value at a time.
+// dst (cols x rows) = src (rows x cols) transposed, in square blocks transposed in registers: 16 x 16 with AVX-512,
+// 8 x 8 with AVX2 (element by element, a transpose costs several times a copy, and its stores, a row of the
+// image apart, fall into the same few cache sets); elsewhere in 8 x 8 blocks of single values, and at the edges one
+// value at a time.
 void transpose(const float* __restrict src, float* __restrict dst, int64_t rows, int64_t cols) {
-  int64_t rows16 = 0, cols16 = 0;
 #if defined(__AVX512F__)
-  rows16 = rows / 16 * 16;
-  cols16 = cols / 16 * 16;
-  for (int64_t r0 = 0; r0 < rows16; r0 += 16) {
-    for (int64_t c0 = 0; c0 < cols16; c0 += 16) {
+  constexpr int64_t block = 16;
+#else
+  constexpr int64_t block = 8;
+#endif
+  const int64_t whole_rows = rows / block * block, whole_cols = cols / block * block;
+  for (int64_t r0 = 0; r0 < whole_rows; r0 += block) {
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += block) {
+#if defined(__AVX512F__)
       __m512 a[16], b[16];
       for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + (r0 + i) * cols + c0);
       // within each 128-bit lane: pairs of rows interleaved, then groups of four rows
@@ -211,11 +216,34 @@ void transpose(const float* __restrict src, float* __restrict dst, int64_t rows,
         _mm512_storeu_ps(out + 8 * rows, _mm512_shuffle_f32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0)));
         _mm512_storeu_ps(out + 12 * rows, _mm512_shuffle_f32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1)));
       }
+#elif defined(__AVX2__)
+      __m256 a[8], b[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(src + (r0 + i) * cols + c0);
+      // within each 128-bit half: pairs of rows interleaved, then groups of four rows; then the halves exchanged
+      for (int i = 0; i < 8; i += 2) {
+        b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+        b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        a[i] = _mm256_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        a[i + 1] = _mm256_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        a[i + 2] = _mm256_shuffle_ps(b[i + 1], b[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        a[i + 3] = _mm256_shuffle_ps(b[i + 1], b[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      // a[j], half k, holds column 4k + j of rows 0..3; a[4 + j] that of rows 4..7
+      for (int j = 0; j < 4; ++j) {
+        float* out = dst + (c0 + j) * rows + r0;
+        _mm256_storeu_ps(out, _mm256_permute2f128_ps(a[j], a[4 + j], 0x20));
+        _mm256_storeu_ps(out + 4 * rows, _mm256_permute2f128_ps(a[j], a[4 + j], 0x31));
+      }
+#else
+      for (int64_t c = c0; c < c0 + block; ++c)
+        for (int64_t r = r0; r < r0 + block; ++r) dst[c * rows + r] = src[r * cols + c];
+#endif
     }
   }
-#endif
   for (int64_t r = 0; r < rows; ++r)  // what the blocks left: the last columns, then the last rows
-    for (int64_t c = r < rows16 ? cols16 : 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+    for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
 // One map's images, read and written channels-last whatever the map's layout: a channels-last map in place, a
@@ -521,6 +549,63 @@ void modulate_backward(int64_t pixels, int64_t C, const float* __restrict grad_o
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define PHI_VEC16 1
+// 16 float lanes and the few operations the scale's kernels need on them, with a 16-bit mask of the lanes to read
+// and write (the row's end, relu's gates): one register with AVX-512, two halves with AVX2, so that the kernels
+// below are written once.
+namespace vec16 {
+#if defined(__AVX512F__)
+using V = __m512;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V load(uint16_t lanes, const float* p) { return _mm512_maskz_loadu_ps(lanes, p); }
+inline void store(uint16_t lanes, float* p, V v) { _mm512_mask_storeu_ps(p, lanes, v); }
+inline V fmadd(float w, V x, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(w), x, acc); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V relu(V v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // max(0, NaN) keeps the NaN, as torch's relu
+inline uint16_t positive(uint16_t lanes, V v) {
+  return static_cast<uint16_t>(_mm512_mask_cmp_ps_mask(lanes, v, _mm512_setzero_ps(), _CMP_GT_OQ));
+}
+#else
+struct V {
+  __m256 lo, hi;
+};
+// The lanes of a 16-bit mask as two 8-lane masks (all bits set where the bit is).
+inline __m256i half_mask(uint32_t bits) {
+  const __m256i powers = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), powers), powers);
+}
+inline V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V load(uint16_t lanes, const float* p) {  // whole vectors unmasked: a masked access costs more on some CPUs
+  if (lanes == 0xffff) return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+  return {_mm256_maskload_ps(p, half_mask(lanes & 0xff)), _mm256_maskload_ps(p + 8, half_mask(lanes >> 8))};
+}
+inline void store(uint16_t lanes, float* p, V v) {
+  if (lanes == 0xffff) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+    return;
+  }
+  _mm256_maskstore_ps(p, half_mask(lanes & 0xff), v.lo);
+  _mm256_maskstore_ps(p + 8, half_mask(lanes >> 8), v.hi);
+}
+inline V fmadd(float w, V x, V acc) {
+  const __m256 wv = _mm256_set1_ps(w);
+  return {_mm256_fmadd_ps(wv, x.lo, acc.lo), _mm256_fmadd_ps(wv, x.hi, acc.hi)};
+}
+inline V add(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V relu(V v) {  // max(0, NaN) keeps the NaN (maxps returns its second operand where either is NaN)
+  return {_mm256_max_ps(_mm256_setzero_ps(), v.lo), _mm256_max_ps(_mm256_setzero_ps(), v.hi)};
+}
+inline uint16_t positive(uint16_t lanes, V v) {
+  const int lo = _mm256_movemask_ps(_mm256_cmp_ps(v.lo, _mm256_setzero_ps(), _CMP_GT_OQ));
+  const int hi = _mm256_movemask_ps(_mm256_cmp_ps(v.hi, _mm256_setzero_ps(), _CMP_GT_OQ));
+  return static_cast<uint16_t>((lo | hi << 8) & lanes);
+}
+#endif
+}  // namespace vec16
+#endif
+
 // relu's gates of a row of n values as bits, 16 to a word: bit l of word w is set where value 16 w + l is above 0
 // (not at NaN, as in the torch operators' backward). The forward keeps them so that the backward need not compute
 // the stencils again: a thirty-second of the map's memory per kernel.
@@ -535,8 +620,8 @@ void pack_gates(const float* __restrict v, int64_t n, uint16_t* __restrict bits)
 // y[e] = g[e] where bit e of the row's gates is set, else 0: the gradient through relu.
 void apply_gates(const uint16_t* __restrict bits, const float* __restrict g, int64_t n, float* __restrict y) {
   int64_t e = 0;
-#if defined(__AVX512F__)
-  for (; e + 16 <= n; e += 16) _mm512_storeu_ps(y + e, _mm512_maskz_loadu_ps(bits[e / 16], g + e));
+#if defined(PHI_VEC16)
+  for (; e + 16 <= n; e += 16) vec16::store(0xffff, y + e, vec16::load(bits[e / 16], g + e));
 #endif
   for (; e < n; ++e) y[e] = (bits[e / 16] >> (e % 16)) & 1u ? g[e] : 0.0f;
 }
@@ -547,8 +632,8 @@ void apply_gates(const uint16_t* __restrict bits, const float* __restrict g, int
 class KernelGroups {
  public:
   static constexpr int64_t size = 4;
-#if defined(__AVX512F__)
-  static constexpr bool vectorised = true;  // 16-value vectors with AVX-512 intrinsics, else portable loops
+#if defined(PHI_VEC16)
+  static constexpr bool vectorised = true;  // 16-value vectors (vec16), else portable loops
 #else
   static constexpr bool vectorised = false;
 #endif
@@ -607,22 +692,20 @@ class KernelGroups {
     Taps<KT> t(weights_.data() + first * taps, offsets_.data(), taps);
     const float* w = t.weights;
     const int64_t* off = t.offsets;
-#if defined(__AVX512F__)
-    const __m512 zero = _mm512_setzero_ps();
+#if defined(PHI_VEC16)
+    using namespace vec16;
     for (int64_t e = 0; e < n_; e += 16) {  // the last vector masked to the row's end
-      const __mmask16 lanes = row_lanes(e);
-      __m512 v[size] = {zero, zero, zero, zero};
+      const uint16_t lanes = row_lanes(e);
+      V v[size] = {zero(), zero(), zero(), zero()};
       for (int64_t d = 0; d < taps; ++d) {
-        const __m512 xd = _mm512_maskz_loadu_ps(lanes, src + off[d] + e);
-        for (int64_t h = 0; h < size; ++h) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps + d]), xd, v[h]);
+        const V xd = load(lanes, src + off[d] + e);
+        for (int64_t h = 0; h < size; ++h) v[h] = fmadd(w[h * taps + d], xd, v[h]);
       }
       for (int64_t h = 0; h < size; ++h) {
-        if (gates != nullptr && gates[h] != nullptr)
-          gates[h][e / 16] = static_cast<uint16_t>(_mm512_mask_cmp_ps_mask(lanes, v[h], zero, _CMP_GT_OQ));
-        if (sums != nullptr) {  // max(0, v) keeps a NaN v, as torch's relu does
+        if (gates != nullptr && gates[h] != nullptr) gates[h][e / 16] = positive(lanes, v[h]);
+        if (sums != nullptr) {
           float* row = sums + h * n_ + e;
-          const __m512 relu = _mm512_max_ps(zero, v[h]);
-          _mm512_mask_storeu_ps(row, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), relu));
+          store(lanes, row, add(load(lanes, row), relu(v[h])));
         }
       }
     }
@@ -658,17 +741,15 @@ class KernelGroups {
     Taps<KT> t(weights_.data() + first * taps, offsets_.data(), taps);
     const float* w = t.weights;
     const int64_t* off = t.offsets;
-#if defined(__AVX512F__)
+#if defined(PHI_VEC16)
+    using namespace vec16;
     for (int64_t e = 0; e < n_; e += 16) {
-      const __mmask16 lanes = row_lanes(e);
-      __m512 sums[size];  // one chain of multiply-adds per kernel, so that four run at once
-      for (int64_t h = 0; h < size; ++h) sums[h] = _mm512_setzero_ps();
+      const uint16_t lanes = row_lanes(e);
+      V sums[size] = {zero(), zero(), zero(), zero()};  // one chain of multiply-adds per kernel, four at once
       for (int64_t d = 0; d < taps; ++d)
         for (int64_t h = 0; h < size; ++h)
-          sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(w[h * taps + taps - 1 - d]),
-                                    _mm512_maskz_loadu_ps(lanes, src[h] + off[d] + e), sums[h]);
-      const __m512 total = _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3]));
-      _mm512_mask_storeu_ps(y + e, lanes, total);
+          sums[h] = fmadd(w[h * taps + taps - 1 - d], load(lanes, src[h] + off[d] + e), sums[h]);
+      store(lanes, y + e, add(add(sums[0], sums[1]), add(sums[2], sums[3])));
     }
 #else
     for (int64_t e = 0; e < n_; ++e) {
@@ -680,10 +761,10 @@ class KernelGroups {
 #endif
   }
 
-#if defined(__AVX512F__)
+#if defined(PHI_VEC16)
   // The lanes of the 16-value vector at e that lie within the row: all but in the last vector.
-  __mmask16 row_lanes(int64_t e) const {
-    return n_ - e >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_ - e)) - 1u);
+  uint16_t row_lanes(int64_t e) const {
+    return n_ - e >= 16 ? 0xffff : static_cast<uint16_t>((1u << (n_ - e)) - 1u);
   }
 #endif
 
