@@ -4,6 +4,7 @@ time among the C++ functions (the torch profiler stops at the kernel call):
     perf record -o phi.perf python -m benchmarks.kernel_profile --calls 150
     perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
     python -m benchmarks.kernel_profile --time    # each kernel's median time instead (interleaved calls)
+    python -m benchmarks.kernel_profile --time --march haswell   # the build an older CPU runs (here AVX2)
 
 One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
 its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; the default map is
@@ -28,10 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="128,16,32,32", help="the feature map, B,C,H,W")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time", action="store_true", help="print each kernel's median time")
+    parser.add_argument("--march", default="native", help="GCC's target for the build (phi_cpu.build)")
     args = parser.parse_args(argv)
-    kernels = phi_cpu.cpu_kernels()
-    if kernels is None:
+    if phi_cpu.cpu_kernels() is None:
         parser.error("φ's CPU kernels are switched off or cannot be built here: nothing to profile")
+    kernels = phi_cpu.build(args.march)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     phi = MetaPerturb().requires_grad_(False)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             call()
             times[name].append(time.perf_counter() - start)
     if args.time:
-        print(f"{args.shape}, {args.threads} thread(s), medians of {args.calls} interleaved calls:")
+        print(f"{args.shape}, -march={args.march}, {args.threads} thread(s), medians of {args.calls} interleaved calls")
         for name, values in times.items():
             print(f"  {name}: {statistics.median(values) * 1e3:.2f} ms")
 

@@ -3,6 +3,7 @@ the torch operators (forward, gradients, running statistics, the single-pass eva
 fallback that keeps φ working where they cannot run. Without a GPU the Triton kernels run in Triton's
 interpreter on the CPU (TRITON_INTERPRET=1), standing in for the C++ ones."""
 
+import platform
 import sys
 
 import pytest
@@ -26,13 +27,35 @@ def interpreted_triton_kernels():
     return phi_cuda
 
 
-@pytest.fixture(params=["c++", "triton"])
+# GCC targets older than a CPU's own whose code paths differ: AVX2 without AVX-512, and no AVX (the portable loops,
+# as on ARM), with the CPU flags they need. Each is built and tested on a CPU that can run it and builds another.
+OLDER_TARGETS = {"haswell": {"avx2", "fma"}, "x86-64": set()}
+
+
+def cpu_build(target: str):
+    """φ's C++ kernels built for GCC's `target` ("native": this CPU's own build, the one φ runs), or a skip
+    that says why they cannot be tested here."""
+    kernels = phi_cpu.cpu_kernels()
+    if kernels is None:
+        pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+    if target == "native":
+        return kernels
+    flags = phi_cpu.cpu_flags()
+    if platform.machine() != "x86_64" or not OLDER_TARGETS[target] <= flags:
+        pytest.skip(f"this CPU cannot run code built for {target}")
+    if (target == "haswell" and "avx512f" not in flags) or (target == "x86-64" and "avx2" not in flags):
+        pytest.skip(f"this CPU's own build takes {target}'s code paths (tested as the native build)")
+    return phi_cpu.build(target)
+
+
+@pytest.fixture(params=["c++", "c++ haswell", "c++ x86-64", "triton"])
 def device(request, monkeypatch) -> str:
-    """Where φ runs on which fused kernels: the C++ ones on the CPU; the Triton ones on CUDA where there is a GPU,
-    else interpreted on the CPU in the C++ kernels' place."""
-    if request.param == "c++":
-        if phi_cpu.cpu_kernels() is None:
-            pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+    """Where φ runs on which fused kernels: the C++ ones on the CPU, built for this CPU and for the older targets
+    it can run; the Triton ones on CUDA where there is a GPU, else interpreted on the CPU in the C++ kernels'
+    place."""
+    if request.param.startswith("c++"):
+        kernels = cpu_build(request.param.partition(" ")[2] or "native")
+        monkeypatch.setattr(phi_fused, "cpu_kernels", lambda: kernels)
         return "cpu"
     return triton_device(monkeypatch)
 
@@ -73,7 +96,8 @@ def test_fused_kernels_run_by_default(device):
 def test_fused_equals_reference_forward_and_gradients(layout, kernel_size, shape, device):
     """Against the formulas with autograd, at strength 0.6 with some outputs clipped: output, running statistics,
     gradients to h and to all of φ's parameters; one channel, 1x1 maps and maps smaller than the kernel too, and
-    maps whose channels and pixels come in whole 16 x 16 blocks (the C++ kernels transpose those in registers)."""
+    maps whose channels and pixels come in whole 16 x 16 blocks (the C++ kernels transpose 16 x 16 blocks in
+    registers with AVX-512, 8 x 8 with AVX2)."""
     assert_fused_equals_reference(strong_phi(kernel_size, CLIP).to(device), shape, layout, device)
 
 
@@ -121,16 +145,15 @@ def test_frozen_phi_gets_no_kernel_gradients_and_the_same_input_gradient(device)
     assert grad_w1_self is grad_w2_mean is grad_scale_kernels is None
 
 
+@pytest.mark.parametrize("target", ["native", *OLDER_TARGETS])
 @pytest.mark.parametrize("shape", [(3, 16, 6, 5), (2, 6, 4, 7), (2, 5, 7, 3)])
 @pytest.mark.parametrize("kernel_grads", [False, True])
-def test_kept_relu_gates_give_the_gradients_of_computing_the_stencils_again(shape, kernel_grads):
+def test_kept_relu_gates_give_the_gradients_of_computing_the_stencils_again(shape, kernel_grads, target):
     """The C++ scale features keep relu's gates from the forward, a bit per value and kernel, 16 to a word along
     each row: the backward from them equals, bit for bit, the one that computes K * x again, for rows of whole
     words, with a remainder (42 values) and shorter than a word (15), where a pre-activation is exactly 0 (the
     zeroed corner: no gradient) and for the kernels' gradients too."""
-    kernels = phi_cpu.cpu_kernels()
-    if kernels is None:
-        pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+    kernels = cpu_build(target)
     x = torch.randn(shape)
     x[:, :, :3, :3] = 0.0
     weights, grad_f = strong_phi(h_dim=6).scale_kernels.detach(), torch.randn(shape[0], shape[1], 6)

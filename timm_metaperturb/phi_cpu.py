@@ -18,23 +18,40 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("csrc") / "phi_cpu.cpp"
-# vectorised for this machine's CPU, at its widest vectors (GCC stops at 256 bits by default; φ's loops gain from
-# AVX-512's 512); no -ffast-math, which would break NaN propagation
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# no -ffast-math, which would break NaN propagation; with AVX-512, its 512-bit vectors (GCC stops at 256 bits
+# unless told otherwise; φ's loops gain from them)
+FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 ENV_SWITCH = "TIMM_METAPERTURB_CPU_KERNELS"
 
 logger = logging.getLogger(__name__)
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def _build_name() -> str:
-    """One build per CPU kind (-march=native code must not run on another CPU sharing the cache)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux lists them (avx2, avx512f, ...); empty where /proc/cpuinfo has none."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = ""
-    return "timm_metaperturb_phi_cpu_" + hashlib.sha1(f"{cpu}{flags}".encode()).hexdigest()[:10]
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def _build_name(march: str) -> str:
+    """One build per CPU kind and target (-march=native code must not run on another CPU sharing the cache)."""
+    cpu = platform.processor() or platform.machine()
+    key = f"{cpu}{sorted(cpu_flags())}{march}"
+    return "timm_metaperturb_phi_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def build(march: str = "native") -> ModuleType:
+    """The kernels compiled for GCC's `-march` target (or loaded from torch's extension cache). φ runs the
+    "native" build, vectorised for this CPU at its widest vectors; the tests also build older targets
+    ("haswell": AVX2, "x86-64": no AVX), to check on one machine the code paths that other CPUs take."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        _build_name(march), [str(SOURCE)], extra_cflags=[f"-march={march}", *FLAGS], extra_ldflags=["-fopenmp"]
+    )
 
 
 def cpu_kernels() -> ModuleType | None:
@@ -42,13 +59,9 @@ def cpu_kernels() -> ModuleType | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if "kernels" not in _loaded:
-        from torch.utils import cpp_extension
-
         logger.info("loading φ's fused CPU kernels (the first time on a machine this builds them, about 40 s)")
         try:
-            _loaded["kernels"] = cpp_extension.load(
-                _build_name(), [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
-            )
+            _loaded["kernels"] = build()
         except Exception as error:  # no compiler, no ninja, a failed build: φ still works, only slower
             warnings.warn(
                 f"φ's fused CPU kernels could not be built ({type(error).__name__}: {error}); φ runs on torch "
