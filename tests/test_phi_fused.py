@@ -3,7 +3,6 @@ the torch operators (forward, gradients, running statistics, the single-pass eva
 fallback that keeps φ working where they cannot run. Without a GPU the Triton kernels run in Triton's
 interpreter on the CPU (TRITON_INTERPRET=1), standing in for the C++ ones."""
 
-import platform
 import sys
 
 import pytest
@@ -41,7 +40,7 @@ def cpu_build(target: str):
     if target == "native":
         return kernels
     flags = phi_cpu.cpu_flags()
-    if platform.machine() != "x86_64" or not OLDER_TARGETS[target] <= flags:
+    if not phi_cpu.X86 or not OLDER_TARGETS[target] <= flags:
         pytest.skip(f"this CPU cannot run code built for {target}")
     if (target == "haswell" and "avx512f" not in flags) or (target == "x86-64" and "avx2" not in flags):
         pytest.skip(f"this CPU's own build takes {target}'s code paths (tested as the native build)")

@@ -18,9 +18,10 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("csrc") / "phi_cpu.cpp"
-# no -ffast-math, which would break NaN propagation; with AVX-512, its 512-bit vectors (GCC stops at 256 bits
-# unless told otherwise; φ's loops gain from them)
-FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# no -ffast-math, which would break NaN propagation; on x86 with AVX-512, its 512-bit vectors (GCC stops at 256
+# bits unless told otherwise; φ's loops gain from them), an option GCC knows only for x86
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+FLAGS = ["-O3", *(["-mprefer-vector-width=512"] if X86 else []), "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 ENV_SWITCH = "TIMM_METAPERTURB_CPU_KERNELS"
 
 logger = logging.getLogger(__name__)
