@@ -37,21 +37,22 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build_name(march: str) -> str:
-    """One build per CPU kind and target (-march=native code must not run on another CPU sharing the cache)."""
+def _build_name(march: str, source: Path) -> str:
+    """One build per CPU kind, target and source file (-march=native code must not run on another CPU sharing the
+    cache; another source, as benchmarks/kernel_profile.py --against builds, must not replace this one's)."""
     cpu = platform.processor() or platform.machine()
-    key = f"{cpu}{sorted(cpu_flags())}{march}"
+    key = f"{cpu}{sorted(cpu_flags())}{march}{'' if source == SOURCE else source.resolve()}"
     return "timm_metaperturb_phi_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def build(march: str = "native") -> ModuleType:
+def build(march: str = "native", source: Path = SOURCE) -> ModuleType:
     """The kernels compiled for GCC's `-march` target (or loaded from torch's extension cache). φ runs the
     "native" build, vectorised for this CPU at its widest vectors; the tests also build older targets
     ("haswell": AVX2, "x86-64": no AVX), to check on one machine the code paths that other CPUs take."""
     from torch.utils import cpp_extension
 
     return cpp_extension.load(
-        _build_name(march), [str(SOURCE)], extra_cflags=[f"-march={march}", *FLAGS], extra_ldflags=["-fopenmp"]
+        _build_name(march, source), [str(source)], extra_cflags=[f"-march={march}", *FLAGS], extra_ldflags=["-fopenmp"]
     )
 
 
