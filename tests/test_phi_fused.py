@@ -189,15 +189,17 @@ def assert_fused_equals_reference(phi, shape, layout, device):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_fused_single_pass_equals_torch_operators(layout, device):
-    """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics."""
+@pytest.mark.parametrize("channels", [7, 19])
+def test_fused_single_pass_equals_torch_operators(layout, channels, device):
+    """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics; with
+    fewer channels than a vector, and with whole vectors and a remainder."""
     fused, plain = strong_phi(clip=CLIP).to(device).eval(), strong_phi(clip=CLIP).to(device).eval()
     plain.fused_kernels = False
     for phi in (fused, plain):
         phi.eval_noise = "mean"
-    stats = SiteStatistics(7, 4).to(device).eval()
+    stats = SiteStatistics(channels, 4).to(device).eval()
     stats.running_mean.uniform_(0, 1)
-    h = (torch.randn(5, 7, 10, 10, device=device) * 3).contiguous(memory_format=layout)
+    h = (torch.randn(5, channels, 10, 10, device=device) * 3).contiguous(memory_format=layout)
     with torch.no_grad():
         out = fused(h, stats, strength=0.8)
         assert out.grad_fn is None and out.is_contiguous(memory_format=layout)
@@ -210,13 +212,13 @@ def test_single_pass_keeps_a_nan_to_its_own_image(device):
     """A NaN in a map at eval (where no error is raised: running statistics are not updated) comes out as NaN in
     its image and leaves the others alone, on the fused kernels and on torch operators: the expected-softplus
     table is read at a safe index."""
-    h = torch.randn(3, 5, 6, 6, device=device)
+    h = torch.randn(3, 11, 6, 6, device=device)
     h[1, 2, 3, 3] = float("nan")
     for fused in (True, False):
         phi = strong_phi(clip=CLIP).to(device).eval()
         phi.eval_noise, phi.fused_kernels = "mean", fused
         with torch.no_grad():
-            out = phi(h, SiteStatistics(5, 4).to(device).eval())
+            out = phi(h, SiteStatistics(11, 4).to(device).eval())
         assert out[1].isnan().any() and not out[[0, 2]].isnan().any()
 
 
