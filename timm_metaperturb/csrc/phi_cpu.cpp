@@ -549,7 +549,7 @@ void modulate_backward(int64_t pixels, int64_t C, const float* __restrict grad_o
   }
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define PHI_VEC16 1
 // 16 float lanes and the few operations the scale's kernels need on them, with a 16-bit mask of the lanes to read
 // and write (the row's end, relu's gates): one register with AVX-512, two halves with AVX2, so that the kernels
