@@ -28,13 +28,18 @@ logger = logging.getLogger(__name__)
 _loaded: dict[str, ModuleType | None] = {}
 
 
+def cpuinfo(field: str) -> str | None:
+    """The first CPU's `field` in /proc/cpuinfo ("model name", "flags", ...); None where Linux gives none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith(field)), None)
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as Linux lists them (avx2, avx512f, ...); empty where /proc/cpuinfo has none."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.partition(":")[2].split())
+    return set((cpuinfo("flags") or "").split())
 
 
 def _build_name(march: str, source: Path) -> str:

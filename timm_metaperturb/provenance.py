@@ -6,24 +6,16 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
-from .phi_cpu import cpu_flags
+from .phi_cpu import cpu_flags, cpuinfo
 
 
 def machine() -> str:
     """CPU model with its widest vectors (what φ's CPU kernels' speed depends on: a CPU's model name can hide it),
     GPU if one is used, core count and torch version."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     flags = cpu_flags()
     vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
