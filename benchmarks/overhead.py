@@ -4,8 +4,8 @@ eval forward time as ratios to the plain network, and the memory a training step
     python -m benchmarks.overhead                 # the full table (about 10 minutes on 2 CPU cores)
     python -m benchmarks.overhead --quick         # fewer repeats
     python -m benchmarks.overhead --profile       # where a φ step's time goes (benchmarks/profiles/)
-    python -m benchmarks.overhead --compile       # also the single-pass eval under torch.compile (with
-                                                  # --profile: its operators too)
+    python -m benchmarks.overhead --compile       # also the training step and the single-pass eval under
+                                                  # torch.compile (with --profile: the eval's operators)
 
 Rows: the project's φ (`timm_metaperturb.MetaPerturb`, frozen as in target training) on its fused kernels (the
 default) and on torch operators with eps kept for the backward or drawn again there from its seed
@@ -82,14 +82,23 @@ def build(name: str, size: int, variant: str) -> torch.nn.Module:
     return model
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One training step; the model is put in training mode by every call, as other candidates share it."""
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(model)` as one graph. Dynamo does not guard on module hooks by default, so a φ model (the
+    plain network plus hooks) would reuse a plain model's graph, φ left out: guarded here."""
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(model, fullgraph=True)
+
+
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compile: bool = False):
+    """One training step (with `compile`, of the compiled model); the model is put in training mode by every call,
+    as other candidates share it."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=5e-4)
+    forward = compiled(model) if compile else model
 
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(forward(x), y).backward()
         optimizer.step()
 
     return step
@@ -146,20 +155,19 @@ def compiled_eval_fn(model: torch.nn.Module, x: torch.Tensor, noise: str | None 
     model.eval()
     if noise is not None:
         set_eval_noise(model, noise)
-    compiled = torch.compile(model, fullgraph=True)
+    forward = compiled(model)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-    return torch.no_grad()(lambda: compiled(x))
+        torch.testing.assert_close(forward(x), model(x), rtol=1e-4, atol=1e-4)
+    return torch.no_grad()(lambda: forward(x))
 
 
 COMPILED_PLAIN, COMPILED_PHI = "plain eval, compiled", "φ single-pass eval, compiled"
+COMPILED_PLAIN_STEP, COMPILED_PHI_STEP = "plain step, compiled", "φ step, compiled"
 
 
 def compiled_eval_fns(plain: torch.nn.Module, phi_model: torch.nn.Module, x: torch.Tensor) -> dict:
     """The plain eval and φ's single pass under torch.compile, φ's on a copy: the other evaluations switch the
     model's noise mode, which its single graph fixes."""
-    # dynamo does not guard on module hooks by default: φ's model would reuse the plain one's graph
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     return {
         COMPILED_PLAIN: compiled_eval_fn(plain, x),
         COMPILED_PHI: compiled_eval_fn(copy.deepcopy(phi_model), x, noise="mean"),
@@ -248,7 +256,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
     parser.add_argument("--profile", action="store_true", help="profile resnet20 at 32x32 instead of the table")
-    parser.add_argument("--compile", action="store_true", help="add the eval forwards under torch.compile")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the training steps and eval forwards under torch.compile"
+    )
     parser.add_argument(
         "--channels-last", action="store_true", help="networks and inputs channels-last (NHWC) instead of NCHW"
     )
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> str:
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
         models = {v: build(name, size, v).to(args.device, memory_format=layout) for v in ("plain", *phis, "reference")}
         steps = {v: train_step_fn(m, x, y) for v, m in models.items()}
+        if args.compile:
+            steps[COMPILED_PLAIN_STEP] = train_step_fn(models["plain"], x, y, compile=True)
+            steps[COMPILED_PHI_STEP] = train_step_fn(models[default], x, y, compile=True)
         steps.update(
             {
                 f"{v} graphed": GraphedTrainStep(build(name, size, v).to(args.device, memory_format=layout), x, y)
@@ -307,15 +320,20 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps({"model": name, "size": size, "train": train, "eval": evaluation, "memory": memory}))
 
     mc = f"MC-{args.mc_passes}"
-    compiled = " plain eval compiled (s) | single pass compiled (x plain compiled) |" if args.compile else ""
+    compiled_columns = (
+        " plain step compiled (s) | fused φ step compiled (x plain compiled) | plain eval compiled (s) | single pass "
+        "compiled (x plain compiled) |"
+        if args.compile
+        else ""
+    )
     graph = " plain step in a CUDA graph (s) | fused φ step in a CUDA graph (x plain graphed) |" if graphed else ""
     nchw_column = " plain NCHW step / eval (x plain NHWC) |" if args.channels_last else ""
     names = " / ".join(phis)
     lines = [
         f"| network | input | plain step (s) | project φ: {names} | reference φ | plain eval (s) | single pass: "
-        f"{' / '.join(singles)} | {mc} |{compiled}{graph}{nchw_column} memory kept for backward, project {names} / "
-        "reference (x plain) |",
-        "|" + " --- |" * (9 + 2 * bool(args.compile) + 2 * bool(graphed) + bool(args.channels_last)),
+        f"{' / '.join(singles)} | {mc} |{compiled_columns}{graph}{nchw_column} memory kept for backward, project "
+        f"{names} / reference (x plain) |",
+        "|" + " --- |" * (9 + 4 * bool(args.compile) + 2 * bool(graphed) + bool(args.channels_last)),
     ]
     for name, size, train, evaluation, memory in rows:
         step = " / ".join(f"{train[v] / train['plain']:.2f}x" for v in phis)
@@ -324,8 +342,9 @@ def main(argv: list[str] | None = None) -> str:
         ratio = {k: v / evaluation["plain"] for k, v in evaluation.items()}
         cells = ""
         if args.compile:
-            plain_compiled = evaluation[COMPILED_PLAIN]
-            cells = f" {plain_compiled:.3f} | {evaluation[COMPILED_PHI] / plain_compiled:.2f}x |"
+            plain_step, plain_eval = train[COMPILED_PLAIN_STEP], evaluation[COMPILED_PLAIN]
+            cells = f" {plain_step:.3f} | {train[COMPILED_PHI_STEP] / plain_step:.2f}x |"
+            cells += f" {plain_eval:.3f} | {evaluation[COMPILED_PHI] / plain_eval:.2f}x |"
         if graphed:
             plain_graphed = train["plain graphed"]
             cells += f" {plain_graphed:.4f} | {train[f'{default} graphed'] / plain_graphed:.2f}x |"
@@ -347,7 +366,8 @@ def main(argv: list[str] | None = None) -> str:
         "Eval: one deterministic pass (noise replaced by its expectation) and "
         f"{mc} ({args.mc_passes} sampled passes, the reference's way, with φ's default for the device)"
         + (
-            "; compiled: `torch.compile(model, fullgraph=True)`, default inductor backend, checked against eager"
+            "; compiled: `torch.compile(model, fullgraph=True)`, default inductor backend, φ's fused kernels in the "
+            "graph as operators (the single pass checked against eager)"
             if args.compile
             else ""
         )

@@ -12,6 +12,7 @@ from timm_metaperturb import (
     NoBlocksError,
     get_injection,
     inject_metaperturb,
+    phi_fused,
     remove_metaperturb,
     set_eval_noise,
     set_perturb_strength,
@@ -130,12 +131,14 @@ def test_state_dict_round_trip_gives_identical_eval_outputs(phi):
     )
 
 
-def test_single_pass_eval_compiles_to_one_graph(phi):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernels", "torch operators"])
+def test_single_pass_eval_compiles_to_one_graph(phi, fused):
     """torch.compile traces the deterministic eval through every site's hook without a graph break (fullgraph
-    fails on one), and the graph computes what eager does, φ included. Eager runs φ on torch operators too, as
-    the graph does: the fused CPU kernels round differently, which this large φ amplifies through 9 sites."""
+    fails on one), φ's fused single pass kept in the graph as an operator or its torch operators traced, and the
+    graph computes what eager does, φ included. Eager runs the same implementation as the graph: the fused CPU
+    kernels round differently from torch operators, which this large φ amplifies through 9 sites."""
     torch._dynamo.reset()
-    phi.fused_kernels = False
+    phi.fused_kernels = fused
     model = inject_metaperturb(timm.create_model("resnet20"), phi).eval()
     set_eval_noise(model, "mean")
     x = torch.randn(4, 3, 32, 32)
@@ -146,6 +149,32 @@ def test_single_pass_eval_compiles_to_one_graph(phi):
         plain = model(x)
     torch.testing.assert_close(compiled, eager)
     assert not torch.allclose(compiled, plain), "φ acts in the compiled graph"
+
+
+def test_training_compiles_to_one_graph_on_the_fused_kernels(phi):
+    """In training too torch.compile keeps φ's fused operators in one graph (fullgraph: no break where φ draws a
+    seed, checks its statistics or loads its kernels). Given the same seeds the compiled forward, its gradients
+    and the running statistics are eager's, and a NaN raises φ's error from inside the graph."""
+    if phi_fused.cpu_kernels() is None:
+        pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
+    torch._dynamo.reset()
+    eager = inject_metaperturb(timm.create_model("conv4"), phi).train()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # AOT autograd: fake shapes, gradients
+    x = torch.randn(4, 3, 32, 32)
+    results = []
+    for net, forward in ((eager, eager), (model, compiled)):
+        torch.manual_seed(1)
+        out = forward(x)
+        grads = torch.autograd.grad(out.square().sum(), [p for p in net.parameters() if p.requires_grad])
+        results.append((out, *grads, net.metaperturb.sites["blocks_1"].running_var))
+    for compiled_value, eager_value in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled_value, eager_value)
+    torch.manual_seed(2)
+    assert not torch.allclose(compiled(x), results[0][0]), "a new seed, new noise"
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"site 'blocks.0'"):
+        compiled(x)
 
 
 def test_plain_checkpoint_loads_strictly_into_injected_model(phi):

@@ -12,6 +12,7 @@ from conftest import strong_phi
 import timm_metaperturb
 from benchmarks.overhead import saved_bytes
 from timm_metaperturb import SiteStatistics, phi_cpu, phi_fused
+from timm_metaperturb import phi as phi_mod
 from timm_metaperturb.phi_reference import reference_perturb
 
 CLIP = 3.0  # low enough that some outputs are clipped
@@ -68,6 +69,11 @@ def triton_device(monkeypatch) -> str:
     return "cpu"
 
 
+# the autograd nodes of φ's fused operators (torch.library names them after the operator)
+FUSED_NOISE_PATH = "GeneratedBackwardFor_timm_metaperturb_perturb_defaultBackward"
+FUSED_SCALE_FEATURES = "GeneratedBackwardFor_timm_metaperturb_scale_features_defaultBackward"
+
+
 def graph_nodes(out: torch.Tensor) -> set[str]:
     """The type names of every node of out's autograd graph (a walk over all paths: the Python objects autograd
     hands out for its nodes are new at each access, so their ids cannot mark a node as seen)."""
@@ -83,10 +89,10 @@ def graph_nodes(out: torch.Tensor) -> set[str]:
 def test_fused_kernels_run_by_default(device):
     h = torch.randn(4, 6, 8, 8, device=device, requires_grad=True)
     nodes = graph_nodes(strong_phi(clip=CLIP).to(device)(h, SiteStatistics(6, 4).to(device).train()))
-    assert {"FusedPerturbationBackward", "FusedScaleFeaturesBackward"} <= nodes
+    assert {FUSED_NOISE_PATH, FUSED_SCALE_FEATURES} <= nodes
     phi = strong_phi(clip=CLIP).to(device)
     phi.fused_kernels = False
-    assert "FusedPerturbationBackward" not in graph_nodes(phi(h, SiteStatistics(6, 4).to(device).train()))
+    assert FUSED_NOISE_PATH not in graph_nodes(phi(h, SiteStatistics(6, 4).to(device).train()))
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -246,7 +252,7 @@ def test_redrawn_noise_gives_the_same_gradients_from_less_memory(device):
         results[redraw] = (kept, out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()]))
     (kept_u, *values_kept), (kept_seed, *values_redrawn) = results[False], results[True]
     assert all(torch.equal(a, b) for a, b in zip(values_kept, values_redrawn, strict=True))
-    assert kept_u - kept_seed == h.numel() * 4  # u: one float32 map
+    assert kept_u - kept_seed == h.numel() * 4 - 8  # u (one float32 map) kept instead of eps's seed (one int64)
 
 
 def test_kernel_noise_is_standard_normal_and_independent(device):
@@ -300,7 +306,7 @@ def test_disabled_or_unbuildable_kernels_fall_back_to_torch_operators(monkeypatc
     monkeypatch.setenv(phi_cpu.ENV_SWITCH, "0")
     assert not phi_fused.usable(h)
     out = strong_phi(clip=CLIP)(h, SiteStatistics(6, 4).train(), noise=eps)
-    assert "FusedPerturbationBackward" not in graph_nodes(out)
+    assert FUSED_NOISE_PATH not in graph_nodes(out)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
     monkeypatch.delenv(phi_cpu.ENV_SWITCH)
@@ -354,3 +360,37 @@ def test_cuda_graph_replays_draw_new_noise_and_keep_statistics_finite():
     assert torch.equal(stats.running_mean, before[0]) and torch.equal(stats.running_var, before[1])
     with pytest.raises(FloatingPointError, match="non-finite"):  # outside a graph, the error
         phi(h, stats)
+
+
+def test_fused_operators_pass_torch_library_checks():
+    """torch.library's opcheck on each of φ's operators (C++ kernels): the schema, the fake implementation that
+    torch.compile plans shapes, strides and dtypes with, and the registered gradients agree with the kernels, in
+    both layouts, with eps given or drawn from a seed, and u kept or drawn again."""
+    cpu_build("native")
+    phi = strong_phi(clip=CLIP)
+    weights, kernels = phi._noise_weights(), phi.scale_kernels
+    table = (*phi_mod._expected_softplus_table(torch.device("cpu"), torch.float32), 16.0, 1.0 / 256)
+    frozen = [w.detach() for w in weights]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, 6, 17).contiguous(memory_format=layout).requires_grad_()
+        eps = torch.randn(2, 5, 6, 17).contiguous(memory_format=layout)
+        s, seed = torch.rand(5, requires_grad=True), torch.tensor([3])
+        for eps_or_seed, keep_u in (((None, seed), False), ((None, seed), True), ((eps, None), True)):
+            for w in (weights, frozen):
+                torch.library.opcheck(phi_fused.perturb, (x, *eps_or_seed, s, *w, 0.7, CLIP, keep_u))
+        out_x, out_s = x.detach(), s.detach()
+        torch.library.opcheck(phi_fused.expected_perturbation, (out_x, out_s, *frozen, *table, 0.7, CLIP))
+        grad, u = torch.randn_like(eps), phi_fused.perturb(out_x, None, seed, out_s, *frozen, 0.7, CLIP, True)[1]
+        for kept in ((u, None), (None, seed)):
+            for weight_grads in (False, True):
+                args = (grad, out_x, *kept, out_s, *frozen, 0.7, CLIP, weight_grads)
+                torch.library.opcheck(phi_fused.perturb_backward, args)
+        grad_f = torch.randn(2, 5, len(kernels))
+        for keep_gates in (False, True):
+            torch.library.opcheck(phi_fused.scale_features, (x, kernels, keep_gates))
+            gates = phi_fused.scale_features(out_x, kernels.detach(), keep_gates)[1] if keep_gates else None
+            for kernel_grads in (False, True):
+                args = (grad_f, out_x, gates, kernels.detach(), kernel_grads)
+                torch.library.opcheck(phi_fused.scale_features_backward, args)
+    mean, var = torch.rand(5, 4), torch.rand(5, 4)
+    torch.library.opcheck(phi_mod.finite_statistics, (mean, var, "layer1"))

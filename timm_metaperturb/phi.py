@@ -232,6 +232,23 @@ class EquivariantConv2d(nn.Module):
         return _equivariant(x, self.weight_self.float(), self.weight_mean.float())
 
 
+@torch.library.custom_op("timm_metaperturb::finite_statistics", mutates_args=())
+def finite_statistics(mean: torch.Tensor, var: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a batch's statistics for the running estimates, or an error if any is not finite. An operator,
+    so that a compiled graph raises it too (torch.compile cannot trace a branch on a tensor's values)."""
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise FloatingPointError(
+            f"MetaPerturb at site '{site}' received non-finite features (NaN or inf) in training; its running "
+            "statistics were left unchanged. Check the input data and the learning rate."
+        )
+    return mean.clone(), var.clone()
+
+
+@finite_statistics.register_fake
+def _(mean, var, site):
+    return torch.empty_like(mean), torch.empty_like(var)
+
+
 class SiteStatistics(nn.Module):
     """Running estimates of φ's channel statistics at one injection site (like batch norm's buffers).
 
@@ -344,7 +361,8 @@ class MetaPerturb(
         """f = GAP(relu(K * h)) of shape (B, C, h_dim): what the scale's statistics summarise."""
         kernels = self.scale_kernels.float()
         if self._fused(h):
-            return phi_fused.FusedScaleFeatures.apply(h.contiguous(memory_format=phi_fused.layout(h)), kernels)
+            keep_gates = torch.is_grad_enabled() and (h.requires_grad or kernels.requires_grad)
+            return phi_fused.scale_features(h.contiguous(memory_format=phi_fused.layout(h)), kernels, keep_gates)[0]
         return _ScaleFeatures.apply(_channels_last(h), kernels)
 
     def _fused(self, x: torch.Tensor) -> bool:
@@ -381,21 +399,18 @@ class MetaPerturb(
         f = self.scale_features(h)
         mean, var = f.mean(0), f.var(0, unbiased=True)
         if stats is not None:
-            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            # a CUDA graph being captured cannot read `finite` on the host: the update is skipped on the device
-            capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not capturing and not finite:
-                raise FloatingPointError(
-                    f"MetaPerturb at site '{site}' received non-finite features (NaN or inf) in training; its "
-                    "running statistics were left unchanged. Check the input data and the learning rate."
-                )
             with torch.no_grad():
-                for running, batch in ((stats.running_mean, mean), (stats.running_var, var)):
-                    batch = batch.detach().to(running.dtype)
-                    if capturing:
-                        running.copy_(torch.where(finite, running.lerp(batch, self.momentum), running))
-                    else:
-                        running.lerp_(batch, self.momentum)
+                # a CUDA graph being captured cannot read on the host whether they are finite: the update is
+                # skipped on the device where they are not
+                if h.is_cuda and torch.cuda.is_current_stream_capturing():
+                    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+                    for running, batch in ((stats.running_mean, mean), (stats.running_var, var)):
+                        updated = running.lerp(batch.to(running.dtype), self.momentum)
+                        running.copy_(torch.where(finite, updated, running))
+                else:
+                    batch_mean, batch_var = finite_statistics(mean.detach(), var.detach(), site)
+                    stats.running_mean.lerp_(batch_mean.to(stats.running_mean.dtype), self.momentum)
+                    stats.running_var.lerp_(batch_var.to(stats.running_var.dtype), self.momentum)
         return mean, var
 
     def forward(
@@ -428,7 +443,8 @@ class MetaPerturb(
                 needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, s, *self.parameters()))
                 if fused and not needs_grad:  # the fused single pass has no backward
                     table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
-                    out = phi_fused.expected_perturbation(x, s, self._noise_weights(), table, strength, self.clip)
+                    weights = self._noise_weights()
+                    out = phi_fused.expected_perturbation(x, s.view(-1), *weights, *table, strength, self.clip)
                 else:
                     x = _channels_last(x)
                     z = expected_softplus(self.noise_logits(x))
@@ -441,8 +457,8 @@ class MetaPerturb(
                 seed = phi_fused.draw_seed(x, fused) if noise is None else None
                 weights = self._noise_weights()
                 if fused:
-                    eps = seed if noise is None else noise.float().contiguous(memory_format=phi_fused.layout(x))
-                    out = phi_fused.FusedPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
+                    eps = None if noise is None else noise.float().contiguous(memory_format=phi_fused.layout(x))
+                    out, _ = phi_fused.perturb(x, eps, seed, s.view(-1), *weights, strength, self.clip, not redraw)
                 else:  # x is channels-last already
                     eps = seed if noise is None else _relayout(noise.float(), torch.channels_last)
                     out = _SampledPerturbation.apply(x, eps, redraw, s, *weights, strength, self.clip)
