@@ -393,4 +393,4 @@ def test_fused_operators_pass_torch_library_checks():
                 args = (grad_f, out_x, gates, kernels.detach(), kernel_grads)
                 torch.library.opcheck(phi_fused.scale_features_backward, args)
     mean, var = torch.rand(5, 4), torch.rand(5, 4)
-    torch.library.opcheck(phi_mod.finite_statistics, (mean, var, "layer1"))
+    torch.library.opcheck(phi_mod.all_finite, (mean, var, "layer1"))

@@ -232,21 +232,23 @@ class EquivariantConv2d(nn.Module):
         return _equivariant(x, self.weight_self.float(), self.weight_mean.float())
 
 
-@torch.library.custom_op("timm_metaperturb::finite_statistics", mutates_args=())
-def finite_statistics(mean: torch.Tensor, var: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of a batch's statistics for the running estimates, or an error if any is not finite. An operator,
-    so that a compiled graph raises it too (torch.compile cannot trace a branch on a tensor's values)."""
-    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+@torch.library.custom_op("timm_metaperturb::all_finite", mutates_args=())
+def all_finite(mean: torch.Tensor, var: torch.Tensor, site: str) -> torch.Tensor:
+    """Whether a batch's statistics are all finite (a bool on their device); if not, an error naming the site,
+    except in a CUDA graph being captured, which cannot read the answer on the host. An operator, so that a
+    compiled graph raises it too (torch.compile cannot trace a branch on a tensor's values)."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if not (finite.is_cuda and torch.cuda.is_current_stream_capturing()) and not finite:
         raise FloatingPointError(
             f"MetaPerturb at site '{site}' received non-finite features (NaN or inf) in training; its running "
             "statistics were left unchanged. Check the input data and the learning rate."
         )
-    return mean.clone(), var.clone()
+    return finite
 
 
-@finite_statistics.register_fake
+@all_finite.register_fake
 def _(mean, var, site):
-    return torch.empty_like(mean), torch.empty_like(var)
+    return mean.new_empty((), dtype=torch.bool)
 
 
 class SiteStatistics(nn.Module):
@@ -400,17 +402,10 @@ class MetaPerturb(
         mean, var = f.mean(0), f.var(0, unbiased=True)
         if stats is not None:
             with torch.no_grad():
-                # a CUDA graph being captured cannot read on the host whether they are finite: the update is
-                # skipped on the device where they are not
-                if h.is_cuda and torch.cuda.is_current_stream_capturing():
-                    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-                    for running, batch in ((stats.running_mean, mean), (stats.running_var, var)):
-                        updated = running.lerp(batch.to(running.dtype), self.momentum)
-                        running.copy_(torch.where(finite, updated, running))
-                else:
-                    batch_mean, batch_var = finite_statistics(mean.detach(), var.detach(), site)
-                    stats.running_mean.lerp_(batch_mean.to(stats.running_mean.dtype), self.momentum)
-                    stats.running_var.lerp_(batch_var.to(stats.running_var.dtype), self.momentum)
+                finite = all_finite(mean, var, site)  # else an error, or in a CUDA graph no update (on the device)
+                for running, batch in ((stats.running_mean, mean), (stats.running_var, var)):
+                    updated = running.lerp(batch.to(running.dtype), self.momentum)
+                    running.copy_(torch.where(finite, updated, running))
         return mean, var
 
     def forward(
