@@ -1,6 +1,7 @@
 """Target training: every method, annealing, metrics, outputs, fine-tuning, resuming, the comparison driver, bad
 input."""
 
+import copy
 import json
 import signal
 import subprocess
@@ -196,18 +197,56 @@ def test_mean_evaluation_re_estimates_batch_norm(tmp_path, phi_dir):
     assert run["evaluations"]["mean"]["nll"] != run["final"]["nll"]
 
 
-def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():
+def _running_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+@pytest.mark.parametrize("splits", [[512, 8], [130] * 4, [519, 1]])
+def test_recalibration_does_not_depend_on_how_the_images_are_batched(phi, splits):
+    """520 images give the same statistics as one batch or in any split, a last batch of 1 image included: each
+    image counts once, whatever batch it is in (averaging per-batch statistics gave the 8 images of [512, 8] half
+    the weight)."""
+    torch.manual_seed(0)
+    model = inject_metaperturb(timm.create_model("resnet20", num_classes=5), phi, input_size=(3, 16, 16))
+    set_eval_noise(model, "mean")
+    images = torch.randn(520, 3, 16, 16) * 1.5 + 0.3
+    recalibrate_batchnorm(model, [images])
+    whole = _running_stats(model)
+    assert recalibrate_batchnorm(model, iter(images.split(splits))) == 19  # a one-shot iterator works too
+    split = _running_stats(model)
+    for key, value in whole.items():  # to float rounding: a batch of one image takes other convolution kernels
+        torch.testing.assert_close(split[key], value, rtol=0, atol=1e-5 * value.abs().max().item(), msg=key)
+
+
+def test_recalibration_gives_each_layer_the_statistics_of_its_input_over_all_images():
+    """The first layer's statistics are its input's mean and unbiased variance over every image; a deeper layer's
+    equal those of one batch of all images through batch norm in training mode."""
+    torch.manual_seed(0)
     model = timm.create_model("conv4", num_classes=3)
-    batches = [torch.randn(8, 3, 16, 16) * 2 + 1 for _ in range(3)]
+    batches = [torch.randn(n, 3, 16, 16) * 2 + 1 for n in (70, 300, 1)]
     assert recalibrate_batchnorm(model, batches) == 4 and not model.training
-    first_bn = model.blocks[0].bn
     with torch.no_grad():
-        features = [model.blocks[0].conv(b) for b in batches]
-    expected_mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
-    torch.testing.assert_close(first_bn.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
-    assert first_bn.momentum == 0.1
+        features = model.blocks[0].conv(torch.cat(batches)).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(model.blocks[0].bn.running_mean, features.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.blocks[0].bn.running_var, features.var(1), rtol=1e-5, atol=1e-6)
+    assert model.blocks[0].bn.momentum == 0.1, "the layers' own momentum is kept"
+    exact = _running_stats(model)
+    reference = copy.deepcopy(model)  # the same weights
+    for norm in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.reset_running_stats()
+        norm.momentum = None
+    with torch.no_grad():
+        reference.train()(torch.cat(batches))
+    for key, value in _running_stats(reference).items():  # up to training mode's biased variance (1 / 1484 at 2x2)
+        torch.testing.assert_close(exact[key], value, rtol=0, atol=2e-3 * value.abs().max().item(), msg=key)
+
+
+def test_recalibration_needs_images():
+    model = timm.create_model("conv4", num_classes=3)
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batchnorm(model, [])
+    with pytest.raises(ValueError, match="pass more images"):
+        recalibrate_batchnorm(timm.create_model("resnet20", num_classes=3), [torch.randn(1, 3, 4, 4)])
 
 
 def test_set_eval_noise_mean_can_recalibrate_in_one_call(phi):

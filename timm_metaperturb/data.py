@@ -186,6 +186,17 @@ def normalise(images: torch.Tensor, aug: Augmentation) -> torch.Tensor:
     return (images.float() / 255 - aug.mean) / aug.std
 
 
+class NormalisedBatches:
+    """uint8 images as normalised float batches on `device`, made afresh on each iteration (so it can be read more
+    than once without holding a float copy of every image)."""
+
+    def __init__(self, images: torch.Tensor, aug: Augmentation, device: torch.device | str, batch_size: int = 512):
+        self.images, self.aug, self.device, self.batch_size = images, aug, device, batch_size
+
+    def __iter__(self):
+        return (normalise(x.to(self.device), self.aug) for x in self.images.split(self.batch_size))
+
+
 def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
     """A training batch from uint8 images: per-image random crop and flip drawn from `generator`."""
     n, _, h, w = images.shape

@@ -29,9 +29,9 @@ from .data import (
     Augmentation,
     EpochSampler,
     ImageTensors,
+    NormalisedBatches,
     augment,
     load_image_dataset,
-    normalise,
     seed_for,
     to_tensors,
 )
@@ -247,9 +247,9 @@ def annealed_strength(step: int, steps: int, anneal: float) -> float:
 def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, passes: int = 1) -> torch.Tensor:
     """Softmax probabilities averaged over `passes` forward passes (Monte-Carlo for stochastic methods)."""
     model.eval()
-    device, total = next(model.parameters()).device, None
+    batches, total = NormalisedBatches(images, aug, next(model.parameters()).device), None
     for _ in range(passes):
-        probs = torch.cat([F.softmax(model(normalise(chunk.to(device), aug)), 1).cpu() for chunk in images.split(512)])
+        probs = torch.cat([F.softmax(model(batch), 1).cpu() for batch in batches])
         total = probs if total is None else total + probs
     return total / passes
 
@@ -258,8 +258,7 @@ def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentati
     """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
     in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
     buffers = [(b, b.clone()) for b in model.buffers()]  # the re-estimation changes batch norm's buffers only
-    device = next(model.parameters()).device
-    recalibrate_batchnorm(model, (normalise(x.to(device), aug) for x in train.images.split(512)))
+    recalibrate_batchnorm(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
     probs = predict_proba(model, images, aug)
     for buffer, saved in buffers:
         buffer.copy_(saved)
