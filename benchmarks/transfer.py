@@ -3,6 +3,7 @@
     python -m benchmarks.transfer --quick     # one seed, resnet20 only (about an hour on 2 CPU cores)
     python -m benchmarks.transfer             # the full table: 5 target x network cells, 6 rows, 3 seeds
     python -m benchmarks.transfer --regime    # base vs MetaPerturb at 20, 50, 100, 500 images per class
+    python -m benchmarks.transfer --suite     # many-class targets with a style shift (rendered letters)
     python -m benchmarks.transfer --ablation  # what each part of MetaPerturb contributes (resnet20, Fashion-MNIST)
     python -m benchmarks.transfer --phi-row meta150=outputs/meta-150/phi   # a row for another φ
     python -m benchmarks.transfer --rows base,metaperturb+manifold_mixup   # a combination row: do they add up?
@@ -36,6 +37,11 @@ TARGETS = {
     "fmnist5-9": ["--dataset", "fashion_mnist", "--classes", "5-9", "--max-per-class", "100"],
     "digits": ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip"],
 }
+# targets unlike the source: 27-92 classes, 8-24 training images per class (training sets of 528-1,056 images, none
+# a multiple of a batch), test letters drawn from other fonts than the training letters (glyphs.py)
+SUITE = {"hebrew": 20, "thai": 15, "kana": 10, "devanagari": 24, "georgian": 16, "ethiopic": 8}
+TARGETS.update({f"{script}@{n}": ["--dataset", f"glyphs-{script}", "--max-per-class", str(n), "--no-hflip"]
+                for script, n in SUITE.items()})  # fmt: skip
 Cell = tuple[str, str]  # (target, network)
 CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4"), ("digits", "conv4"),
          ("fmnist5-9", "resnet18")]  # fmt: skip
@@ -63,6 +69,11 @@ SETUP = (
     "last two columns pair runs by seed (same training images, same initialisation): a row minus base, and the "
     "shipped φ's default (metaperturb, mean-bn) minus the row, which is positive where φ beats it."
 )
+SUITE_SETUP = (
+    "Targets glyphs-SCRIPT@N: the letters of one script (27 to 92 classes), N training images per class rendered "
+    "from sans-serif fonts, 30 test images per class from serif, handwritten or brush fonts (`timm_metaperturb/"
+    "glyphs.py`), no horizontal flip. No script here is a meta-training source of any φ in the table."
+)
 
 ABLATION_SETUP = (
     "Ablation rows, each one change to the shipped φ's run (metaperturb): output-placement = φ after each block's "
@@ -75,8 +86,10 @@ ABLATION_SETUP = (
 
 def target_args(target: str) -> list[str]:
     """A target's train/target.py arguments; "name@N" is that target with N training images per class."""
+    if target in TARGETS:
+        return TARGETS[target]
     name, _, per_class = target.partition("@")
-    return TARGETS[name] + (["--max-per-class", per_class] if per_class else [])
+    return TARGETS[name] + ["--max-per-class", per_class]
 
 
 def regime_cell(per_class: int) -> Cell:
@@ -266,6 +279,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
     parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
     parser.add_argument("--ablation", action="store_true", help="the ablation rows on resnet20 / Fashion-MNIST 5-9")
+    parser.add_argument("--suite", action="store_true", help="the many-class, style-shifted targets, resnet20")
     parser.add_argument(
         "--phi-row", action="append", default=[], metavar="NAME=PATH", help="add a row metaperturb-NAME with this φ"
     )
@@ -296,6 +310,9 @@ def main(argv: list[str] | None = None) -> str:
         cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
     if args.ablation:  # on the ablation cell, or on any cell --cells names
         cells = CELLS if args.cells else [ABLATION_CELL]
+    if args.suite:
+        cells = [(f"{script}@{n}", network) for network in ("resnet20", "conv4") for script, n in SUITE.items()]
+        cells = cells if args.cells else [c for c in cells if c[1] == "resnet20"]
     phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
     if len(phis) != len(args.phi_row):
         parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")
@@ -336,8 +353,9 @@ def main(argv: list[str] | None = None) -> str:
     done = [json.loads(p.read_text()) for out, _ in jobs if (p := out / "run.json").is_file()]
     compute = sum(run["wall_time_s"] for run in done) / 60
     command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
-    kind = "regime" if args.regime else "ablation" if args.ablation else "transfer"
+    kind = "regime" if args.regime else "ablation" if args.ablation else "suite" if args.suite else "transfer"
     title = {"regime": "Regime: accuracy against images per class", "ablation": "Ablations",
+             "suite": "Many classes, few images, another style",
              "transfer": "Transfer to data-scarce targets"}[kind]  # fmt: skip
     plot = []
     if args.regime:
@@ -352,6 +370,7 @@ def main(argv: list[str] | None = None) -> str:
             f"skipped). Per-run JSONs: `{os.path.relpath(args.runs_dir)}`. " + SETUP,
             *plot,
             *([ABLATION_SETUP] if args.ablation else []),
+            *([SUITE_SETUP] if args.suite else []),
             summary(args.runs_dir, cells, names, seeds),
             *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
         ]

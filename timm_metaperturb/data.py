@@ -1,10 +1,11 @@
 """Image-classification data for meta-training and target training.
 
 `load_image_dataset` returns a `datasets.Dataset` with an `image` and a `label` column from a Hub dataset name,
-a local image folder, or one of two offline built-ins: `fashion_mnist` (Debian's `dataset-fashion-mnist` files)
-and `digits` (scikit-learn's 8x8 digits). `to_tensors` turns it into one uint8 tensor of 3-channel images at a
-fixed size, and `augment` makes training batches from it on the fly (random crop with padding, horizontal flip,
-normalisation), driven by an explicit generator so that runs are reproducible and resumable.
+a local image folder, or an offline built-in: `fashion_mnist` (Debian's `dataset-fashion-mnist` files),
+`digits` (scikit-learn's 8x8 digits) and `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`).
+`to_tensors` turns it into one uint8 tensor of 3-channel images at a fixed size, and `augment` makes training
+batches from it on the fly (random crop with padding, horizontal flip, normalisation), driven by an explicit
+generator so that runs are reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .glyphs import builtin_names, glyphs_dataset
+
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-BUILTINS = ("fashion_mnist", "digits")
+BUILTINS = ("fashion_mnist", "digits", *builtin_names())
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -96,8 +99,9 @@ def _standardise_columns(ds, name: str):
 def load_image_dataset(name: str, split: str = "train"):
     """A `datasets.Dataset` with `image` and `label` (a ClassLabel) columns.
 
-    `name` is a built-in (`fashion_mnist`, `digits`), a local folder of images in one sub-folder per class
-    (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the first time).
+    `name` is a built-in (`fashion_mnist`, `digits`, `glyphs-<script>`), a local folder of images in one
+    sub-folder per class (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the
+    first time).
     """
     import datasets
 
@@ -105,6 +109,8 @@ def load_image_dataset(name: str, split: str = "train"):
         return _fashion_mnist(split)
     if name == "digits":
         return _digits(split)
+    if name.startswith("glyphs-"):
+        return glyphs_dataset(name, split)
     if os.path.isdir(name):
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
     else:
