@@ -265,6 +265,32 @@ def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentati
     return probs
 
 
+@torch.no_grad()
+def training_loss_with_and_without_phi(
+    model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
+) -> dict[str, float]:
+    """The cross-entropy on the (unaugmented) training images in training mode, φ at full strength ("on") and
+    bypassed ("off", k = 0): how far φ's noise keeps the loss above what the same network reaches without it.
+    Side-effect free: batch norm's and φ's statistics, the strength and the random state are restored."""
+    injection = get_injection(model)
+    buffers, strength = [(b, b.clone()) for b in model.buffers()], injection.strength
+    device = next(model.parameters()).device
+    losses = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        for name, k in (("on", 1.0), ("off", 0.0)):
+            injection.strength = k
+            total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
+                        for x, y in zip(NormalisedBatches(train.images, aug, device, batch_size),
+                                        train.labels.split(batch_size), strict=True))  # fmt: skip
+            losses[name] = total / len(train)
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
+    injection.strength = strength
+    model.eval()
+    return losses
+
+
 def evaluate_modes(
     model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str], train: ImageTensors | None = None
 ) -> dict[str, dict]:
@@ -452,6 +478,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
+        run["train_loss_phi"] = training_loss_with_and_without_phi(model, train, aug, cfg.batch_size)
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
     (output / "run.json").write_text(json.dumps(run, indent=1))
     checkpoint.unlink(missing_ok=True)  # the run is complete: run.json and the network replace it
