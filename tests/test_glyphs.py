@@ -68,3 +68,19 @@ def test_a_missing_font_names_the_package_to_install(monkeypatch, tmp_path):
             glyphs.render_split("thai", "train")
     finally:
         glyphs.font_path.cache_clear()
+
+
+@needs_fonts
+def test_glyphs_sources_joins_every_source_script_with_its_own_labels(monkeypatch):
+    thai = glyphs.SCRIPTS["thai"]
+    first, second = (
+        glyphs.Script(thai.codepoints[i::2][:20], thai.train_fonts, thai.test_fonts, "source") for i in (0, 1)
+    )
+    monkeypatch.setattr(glyphs, "SCRIPTS", {"first": first, "second": second, "thai": thai})
+    ds = load_image_dataset("glyphs-sources", "train")
+    names = ds.features["label"].names
+    assert len(names) == 40 and names[0] == "first U+0E01" and names[20] == "second U+0E02"
+    labels = np.asarray(ds["label"])
+    assert np.bincount(labels).tolist() == [glyphs.TRAIN_PER_CLASS] * 40
+    second_images, _ = glyphs.render_split("second", "train")
+    assert np.array_equal(np.asarray(ds.with_format("numpy")["image"])[labels >= 20], second_images)

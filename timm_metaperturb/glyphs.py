@@ -134,8 +134,12 @@ SCRIPTS = {
 }
 
 
+SOURCES = "sources"  # glyphs-sources: every source script in one dataset (226 classes), for meta-training
+
+
 def builtin_names(role: str | None = None) -> list[str]:
-    return [f"glyphs-{name}" for name, script in SCRIPTS.items() if role in (None, script.role)]
+    names = [f"glyphs-{name}" for name, script in SCRIPTS.items() if role in (None, script.role)]
+    return names + ([f"glyphs-{SOURCES}"] if role in (None, "source") else [])
 
 
 @cache
@@ -211,20 +215,26 @@ def render_split(script: str, split: str, seed: int = 0) -> tuple[np.ndarray, np
 
 
 def glyphs_dataset(name: str, split: str):
-    """The built-in `glyphs-<script>` as a `datasets.Dataset` (image: uint8 array, label: ClassLabel named by
-    code point)."""
+    """The built-in `glyphs-<script>` (or `glyphs-sources`, every source script) as a `datasets.Dataset` (image:
+    uint8 array, label: ClassLabel named by code point)."""
     import datasets
 
     script = name.removeprefix("glyphs-")
-    if script not in SCRIPTS:
+    scripts = [n for n, s in SCRIPTS.items() if s.role == "source"] if script == SOURCES else [script]
+    if script != SOURCES and script not in SCRIPTS:
         raise ValueError(f"unknown glyph dataset '{name}'; choose from {', '.join(builtin_names())}")
     if split not in ("train", "test"):
         raise ValueError(f"{name} has the splits 'train' (training fonts) and 'test' (other fonts), not '{split}'")
-    images, labels = render_split(script, split)
+    images, labels, names = [], [], []
+    for each in scripts:
+        rendered, classes = render_split(each, split)
+        images.append(rendered)
+        labels.append(classes + len(names))
+        names += [f"{each} U+{c:04X}" if len(scripts) > 1 else f"U+{c:04X}" for c in SCRIPTS[each].codepoints]
     features = datasets.Features(
         {
-            "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
-            "label": datasets.ClassLabel(names=[f"U+{c:04X}" for c in SCRIPTS[script].codepoints]),
+            "image": datasets.Array2D(shape=images[0].shape[1:], dtype="uint8"),
+            "label": datasets.ClassLabel(names=names),
         }
     )
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return datasets.Dataset.from_dict({"image": np.concatenate(images), "label": np.concatenate(labels)}, features)
