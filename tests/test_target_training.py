@@ -34,7 +34,7 @@ from timm_metaperturb.target_training import (
     prepare_data,
     save_checkpoint,
     train_target,
-    training_loss_with_and_without_phi,
+    training_loss_with_and_without_noise,
 )
 
 TINY = dict(dataset="digits", max_per_class=10, test_rest=True, hflip=False, model="conv4", image_size=16,
@@ -412,16 +412,17 @@ def test_comparison_driver_reports_a_failed_run(tmp_path):
     assert not (tmp_path / "table.md").exists()
 
 
-def test_training_loss_with_and_without_phi_leaves_the_model_as_it_was(tmp_path, phi_dir):
+def test_training_loss_with_and_without_noise_leaves_the_model_as_it_was(tmp_path, phi_dir):
     cfg = TargetConfig(**{**TINY, "phi": phi_dir})
     train, _ = prepare_data(cfg)
     model, _ = build_model(cfg, len(train.class_names))
     set_perturb_strength(model, 0.3)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
-    losses = training_loss_with_and_without_phi(model, train, aug, cfg.batch_size)
-    assert losses["on"] != losses["off"] and losses == training_loss_with_and_without_phi(
+    losses = training_loss_with_and_without_noise(model, train, aug, cfg.batch_size)
+    assert losses["noise"] != losses["expected"] and losses == training_loss_with_and_without_noise(
         model, train, aug, cfg.batch_size
     ), "φ's noise changes the loss; the random state is restored, so a second call repeats it"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "statistics restored"
     assert torch.equal(torch.get_rng_state(), rng) and get_injection(model).strength == 0.3
+    assert get_injection(model).phi.eval_noise == cfg.eval_noise

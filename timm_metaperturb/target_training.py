@@ -266,27 +266,32 @@ def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentati
 
 
 @torch.no_grad()
-def training_loss_with_and_without_phi(
+def training_loss_with_and_without_noise(
     model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
 ) -> dict[str, float]:
-    """The cross-entropy on the (unaugmented) training images in training mode, φ at full strength ("on") and
-    bypassed ("off", k = 0): how far φ's noise keeps the loss above what the same network reaches without it.
-    Side-effect free: batch norm's and φ's statistics, the strength and the random state are restored."""
+    """The cross-entropy on the (unaugmented) training images in training mode at full strength, with φ's noise
+    sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running statistics): how
+    far the noise keeps the training loss above what the same network reaches without it. Side-effect free:
+    batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
     injection = get_injection(model)
-    buffers, strength = [(b, b.clone()) for b in model.buffers()], injection.strength
+    phi = injection.phi
+    buffers, strength, noise_mode = [(b, b.clone()) for b in model.buffers()], injection.strength, phi.eval_noise
     device = next(model.parameters()).device
     losses = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.train()
-        for name, k in (("on", 1.0), ("off", 0.0)):
-            injection.strength = k
+        injection.strength = 1.0
+        for name in ("noise", "expected"):
+            model.train()
+            if name == "expected":
+                phi.eval()
+                phi.eval_noise = "mean"
             total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
                         for x, y in zip(NormalisedBatches(train.images, aug, device, batch_size),
                                         train.labels.split(batch_size), strict=True))  # fmt: skip
             losses[name] = total / len(train)
     for buffer, saved in buffers:
         buffer.copy_(saved)
-    injection.strength = strength
+    injection.strength, phi.eval_noise = strength, noise_mode
     model.eval()
     return losses
 
@@ -478,7 +483,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
-        run["train_loss_phi"] = training_loss_with_and_without_phi(model, train, aug, cfg.batch_size)
+        run["train_loss_phi"] = training_loss_with_and_without_noise(model, train, aug, cfg.batch_size)
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
     (output / "run.json").write_text(json.dumps(run, indent=1))
     checkpoint.unlink(missing_ok=True)  # the run is complete: run.json and the network replace it
