@@ -269,7 +269,7 @@ def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentati
 def training_loss_with_and_without_noise(
     model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
 ) -> dict[str, float]:
-    """The cross-entropy on the (unaugmented) training images in training mode at full strength, with φ's noise
+    """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with φ's noise
     sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running statistics): how
     far the noise keeps the training loss above what the same network reaches without it. Side-effect free:
     batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
@@ -277,6 +277,8 @@ def training_loss_with_and_without_noise(
     phi = injection.phi
     buffers, strength, noise_mode = [(b, b.clone()) for b in model.buffers()], injection.strength, phi.eval_noise
     device = next(model.parameters()).device
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))  # batches of mixed classes
+    images, labels = train.images[order], train.labels[order]
     losses = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         injection.strength = 1.0
@@ -286,8 +288,8 @@ def training_loss_with_and_without_noise(
                 phi.eval()
                 phi.eval_noise = "mean"
             total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
-                        for x, y in zip(NormalisedBatches(train.images, aug, device, batch_size),
-                                        train.labels.split(batch_size), strict=True))  # fmt: skip
+                        for x, y in zip(NormalisedBatches(images, aug, device, batch_size),
+                                        labels.split(batch_size), strict=True))  # fmt: skip
             losses[name] = total / len(train)
     for buffer, saved in buffers:
         buffer.copy_(saved)
