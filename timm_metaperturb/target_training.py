@@ -269,9 +269,10 @@ def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentati
 def training_loss_with_and_without_noise(
     model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
 ) -> dict[str, float]:
-    """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with φ's noise
-    sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running statistics): how
-    far the noise keeps the training loss above what the same network reaches without it. Side-effect free:
+    """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with
+    φ's noise sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running
+    statistics): how far the noise keeps the training loss above what the same network reaches without it.
+    Side-effect free:
     batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
     injection = get_injection(model)
     phi = injection.phi
