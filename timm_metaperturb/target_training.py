@@ -272,8 +272,7 @@ def training_loss_with_and_without_noise(
     """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with
     φ's noise sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running
     statistics): how far the noise keeps the training loss above what the same network reaches without it.
-    Side-effect free:
-    batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
+    Side-effect free: batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
     injection = get_injection(model)
     phi = injection.phi
     buffers, strength, noise_mode = [(b, b.clone()) for b in model.buffers()], injection.strength, phi.eval_noise
