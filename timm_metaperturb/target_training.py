@@ -40,6 +40,7 @@ from .metrics import classification_metrics, reliability_bins
 from .provenance import changed_settings
 from .recalibration import recalibrate_batchnorm
 from .regularizers import REGULARIZERS, DropBlock, add_regularizer
+from .sites import SiteModule
 from .tasks import parse_classes
 
 METHODS = ("base", "metaperturb", *REGULARIZERS)
@@ -271,8 +272,9 @@ def training_loss_with_and_without_noise(
 ) -> dict[str, float]:
     """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with
     φ's noise sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running
-    statistics): how far the noise keeps the training loss above what the same network reaches without it.
-    Side-effect free: batch norm's and φ's statistics, the strength, φ's modes and the random state are restored."""
+    statistics), other regularizers off: how far the noise keeps the training loss above what the same network
+    reaches without it. Side-effect free: batch norm's and φ's statistics, the strength, φ's modes and the random
+    state are restored."""
     injection = get_injection(model)
     phi = injection.phi
     buffers, strength, noise_mode = [(b, b.clone()) for b in model.buffers()], injection.strength, phi.eval_noise
@@ -284,6 +286,8 @@ def training_loss_with_and_without_noise(
         injection.strength = 1.0
         for name in ("noise", "expected"):
             model.train()
+            for other in (m for m in model.modules() if isinstance(m, SiteModule) and m is not injection):
+                other.eval()  # φ alone: the regularizers trained beside it stay off
             if name == "expected":
                 phi.eval()
                 phi.eval_noise = "mean"
