@@ -27,7 +27,6 @@ def measure(name: str, images: int, size: int, repeats: int) -> dict:
     model = inject_metaperturb(timm.create_model(name, num_classes=10), None, input_size=(3, size, size))
     set_eval_noise(model, "mean")
     batches = list(torch.randn(images, 3, size, size).split(512))
-    norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     forward, recalibration = [], []
     for _ in range(repeats + 1):  # the first round warms up
         model.eval()
@@ -37,7 +36,7 @@ def measure(name: str, images: int, size: int, repeats: int) -> dict:
                 model(batch)
         forward.append(time.perf_counter() - start)
         start = time.perf_counter()
-        recalibrate_batchnorm(model, batches)
+        norms = recalibrate_batchnorm(model, batches)
         recalibration.append(time.perf_counter() - start)
     f, r = statistics.median(forward[1:]), statistics.median(recalibration[1:])
     return {"network": name, "norms": norms, "forward": f, "recalibration": r}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .glyphs import builtin_names, glyphs_dataset
+from .glyphs import builtin_names, render_builtin
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
@@ -41,8 +41,6 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _fashion_mnist(split: str):
-    import datasets
-
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"fashion_mnist has the splits 'train' and 'test', not '{split}'")
@@ -53,18 +51,10 @@ def _fashion_mnist(split: str):
             f"Fashion-MNIST files not found: {', '.join(missing)}. Install Debian's package "
             "(apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR to a folder that holds them"
         )
-    images, labels = _read_idx(files[0]), _read_idx(files[1])
-    features = datasets.Features(
-        {
-            "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
-            "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
-        }
-    )
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return _array_dataset(_read_idx(files[0]), _read_idx(files[1]), list(FASHION_MNIST_CLASSES))
 
 
 def _digits(split: str):
-    import datasets
     from sklearn.datasets import load_digits
 
     if split != "train":
@@ -73,13 +63,20 @@ def _digits(split: str):
         )
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    return _array_dataset(images, digits.target, [str(d) for d in range(10)])
+
+
+def _array_dataset(images: np.ndarray, labels: np.ndarray, class_names: list[str]):
+    """A `datasets.Dataset` of equal-sized grayscale uint8 images (N, H, W) and their class labels."""
+    import datasets
+
     features = datasets.Features(
         {
             "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
-            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+            "label": datasets.ClassLabel(names=class_names),
         }
     )
-    return datasets.Dataset.from_dict({"image": images, "label": digits.target}, features=features)
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
 def _standardise_columns(ds, name: str):
@@ -110,7 +107,7 @@ def load_image_dataset(name: str, split: str = "train"):
     if name == "digits":
         return _digits(split)
     if name.startswith("glyphs-"):
-        return glyphs_dataset(name, split)
+        return _array_dataset(*render_builtin(name, split))
     if os.path.isdir(name):
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
     else:

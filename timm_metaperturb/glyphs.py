@@ -214,11 +214,9 @@ def render_split(script: str, split: str, seed: int = 0) -> tuple[np.ndarray, np
     return np.stack(images), np.array(labels)
 
 
-def glyphs_dataset(name: str, split: str):
-    """The built-in `glyphs-<script>` (or `glyphs-sources`, every source script) as a `datasets.Dataset` (image:
-    uint8 array, label: ClassLabel named by code point)."""
-    import datasets
-
+def render_builtin(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The built-in `glyphs-<script>` (or `glyphs-sources`, every source script): images, labels and class names
+    (code points), for `load_image_dataset`."""
     script = name.removeprefix("glyphs-")
     scripts = [n for n, s in SCRIPTS.items() if s.role == "source"] if script == SOURCES else [script]
     if script != SOURCES and script not in SCRIPTS:
@@ -231,10 +229,4 @@ def glyphs_dataset(name: str, split: str):
         images.append(rendered)
         labels.append(classes + len(names))
         names += [f"{each} U+{c:04X}" if len(scripts) > 1 else f"U+{c:04X}" for c in SCRIPTS[each].codepoints]
-    features = datasets.Features(
-        {
-            "image": datasets.Array2D(shape=images[0].shape[1:], dtype="uint8"),
-            "label": datasets.ClassLabel(names=names),
-        }
-    )
-    return datasets.Dataset.from_dict({"image": np.concatenate(images), "label": np.concatenate(labels)}, features)
+    return np.concatenate(images), np.concatenate(labels), names

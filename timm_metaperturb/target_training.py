@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -258,12 +260,20 @@ def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, pas
 def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentation, train: ImageTensors) -> Tensor:
     """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
     in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
-    buffers = [(b, b.clone()) for b in model.buffers()]  # the re-estimation changes batch norm's buffers only
-    recalibrate_batchnorm(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
-    probs = predict_proba(model, images, aug)
-    for buffer, saved in buffers:
-        buffer.copy_(saved)
-    return probs
+    with restored_buffers(model):  # the re-estimation changes batch norm's buffers only
+        recalibrate_batchnorm(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
+        return predict_proba(model, images, aug)
+
+
+@contextmanager
+def restored_buffers(model: nn.Module) -> Iterator[None]:
+    """Run a block that changes the model's buffers (batch norm's and φ's statistics), then put them back."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 @torch.no_grad()
@@ -277,12 +287,12 @@ def training_loss_with_and_without_noise(
     state are restored."""
     injection = get_injection(model)
     phi = injection.phi
-    buffers, strength, noise_mode = [(b, b.clone()) for b in model.buffers()], injection.strength, phi.eval_noise
+    strength, noise_mode = injection.strength, phi.eval_noise
     device = next(model.parameters()).device
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))  # batches of mixed classes
     images, labels = train.images[order], train.labels[order]
     losses = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with restored_buffers(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         injection.strength = 1.0
         for name in ("noise", "expected"):
             model.train()
@@ -295,8 +305,6 @@ def training_loss_with_and_without_noise(
                         for x, y in zip(NormalisedBatches(images, aug, device, batch_size),
                                         labels.split(batch_size), strict=True))  # fmt: skip
             losses[name] = total / len(train)
-    for buffer, saved in buffers:
-        buffer.copy_(saved)
     injection.strength, phi.eval_noise = strength, noise_mode
     model.eval()
     return losses
