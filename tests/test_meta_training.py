@@ -107,6 +107,33 @@ def test_channels_last_meta_trains_the_same_phi(tmp_path, images):
         torch.testing.assert_close(phis["nhwc"][k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_extra_sources_make_tasks_of_their_own(tmp_path, images):
+    from accelerate import Accelerator
+
+    from timm_metaperturb.meta_training import meta_train, source_tasks
+    from train.meta import parse_args
+
+    flags = ["--dataset", images, *TINY, "--steps", "1", "--extra-sources", "digits:0-5:3", f"{images}::1"]
+    cfg = parse_args([*flags, "--output", str(tmp_path / "out")])
+    data, tasks = source_tasks(cfg)
+    n_own, n_images = 4, 4 * 24  # the folder's classes and images
+    assert len(data.class_names) == 2 * n_own + 10 and data.class_names[n_own] == "digits/0"
+    assert [t.index for t in tasks] == list(range(4 + 6 + 2))
+    domains = [{0 if c < n_own else 1 if c < n_own + 10 else 2 for c in t.classes} for t in tasks]
+    assert domains == [{0}] * 4 + [{1}] * 6 + [{2}] * 2, "a task never mixes datasets"
+    assert sorted({c for t in tasks[4:10] for c in t.classes}) == list(range(n_own, n_own + 6)), "digits 0-5 only"
+    for t in tasks:
+        labels = data.labels[torch.cat([t.train, t.val])]
+        assert set(labels.tolist()) == set(t.classes), "the indices point at the task's own images"
+        assert t.remap(labels).min() == 0 and t.remap(labels).max() == len(t.classes) - 1
+    assert torch.equal(data.images[-n_images:], data.images[:n_images]), "the folder again, after the digits"
+
+    meta_train(cfg, Accelerator(cpu=True))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert len(run["tasks"]) == 12 and run["config"]["extra_sources"] == ["digits:0-5:3", f"{images}::1"]
+    assert f"{images} + digits + {images}" in (tmp_path / "out" / "phi" / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -115,6 +142,7 @@ def test_channels_last_meta_trains_the_same_phi(tmp_path, images):
         (["--groups", "3"], "cannot make 3 class-wise groups"),
         (["--batch-size", "64"], "fewer than 64 training or validation images"),
         (["--train-per-class", "13"], "fewer than train_per_class=13"),
+        (["--extra-sources", "digits:0-4"], "a source is DATASET:CLASSES:GROUPS"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, images, args, message):

@@ -14,7 +14,8 @@ SHARED_HELP = {
 
 
 def config_parser(config_cls: type, description: str, help: dict[str, str]) -> argparse.ArgumentParser:
-    """One `--kebab-case` flag per field of `config_cls`, typed from its default (`--x/--no-x` for booleans)."""
+    """One `--kebab-case` flag per field of `config_cls`, typed from its default (`--x/--no-x` for booleans, any
+    number of values for lists)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = config_cls()
     for f in fields(config_cls):
@@ -23,6 +24,8 @@ def config_parser(config_cls: type, description: str, help: dict[str, str]) -> a
         text = help.get(f.name) or SHARED_HELP.get(f.name) or f"default: {default}"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="*", default=default, help=text)
         else:
             parser.add_argument(flag, type=_field_type(f, default), default=default, help=text)
     return parser

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
@@ -50,6 +50,7 @@ class MetaTrainConfig:
     dataset_split: str = "train"
     classes: str | None = None
     groups: int = 5
+    extra_sources: list[str] = field(default_factory=list)  # "DATASET:CLASSES:GROUPS", tasks of their own
     task_split: str = "class_wise"
     train_per_class: int | None = None
     model: str = "resnet20"
@@ -76,9 +77,9 @@ class MetaTrainConfig:
     channels_last: bool = False
 
     # the settings a resumed run must share with the run it continues
-    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "task_split", "train_per_class", "model",
-                   "image_size", "batch_size", "seed", "steps", "clip", "channel_norm", "spatial_norm",
-                   "placement")  # fmt: skip
+    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "extra_sources", "task_split",
+                   "train_per_class", "model", "image_size", "batch_size", "seed", "steps", "clip", "channel_norm",
+                   "spatial_norm", "placement")  # fmt: skip
 
 
 @contextmanager
@@ -188,6 +189,42 @@ def _set_flat_grad(phi: MetaPerturb, flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
+def parse_source(text: str) -> tuple[str, str | None, int]:
+    """'fashion_mnist:0-4:2' -> ('fashion_mnist', '0-4', 2); an empty CLASSES ('digits::2') means all classes."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
+        raise ValueError(f"a source is DATASET:CLASSES:GROUPS, e.g. fashion_mnist:0-4:2 or digits::2; got {text!r}")
+    return parts[0], parts[1] or None, int(parts[2])
+
+
+def source_tasks(cfg: MetaTrainConfig) -> tuple[ImageTensors, list[Task]]:
+    """The source datasets (`dataset`, then each of `extra_sources`) as one ImageTensors whose labels run on from
+    one dataset to the next, and the tasks of each, split within that dataset: a task never mixes domains."""
+    sources = [(cfg.dataset, cfg.classes, cfg.groups), *map(parse_source, cfg.extra_sources)]
+    parts: list[ImageTensors] = []
+    tasks: list[Task] = []
+    for name, classes, groups in sources:
+        data = to_tensors(load_image_dataset(name, cfg.dataset_split), cfg.image_size)
+        own = make_tasks(data.labels, groups, cfg.seed, parse_classes(classes), cfg.task_split,
+                         min_images=cfg.batch_size, train_per_class=cfg.train_per_class)  # fmt: skip
+        first_image, first_class = sum(len(p) for p in parts), sum(len(p.class_names) for p in parts)
+        tasks += [
+            Task(len(tasks) + t.index, tuple(c + first_class for c in t.classes), t.train + first_image,
+                 t.val + first_image)
+            for t in own
+        ]  # fmt: skip
+        names = data.class_names if len(sources) == 1 else [f"{name}/{c}" for c in data.class_names]
+        parts.append(ImageTensors(data.images, data.labels + first_class, names))
+    if len(parts) == 1:
+        return parts[0], tasks
+    joined = ImageTensors(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        [c for p in parts for c in p.class_names],
+    )
+    return joined, tasks
+
+
 def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPerturb:
     """Run (or resume) meta-training; on the main process, write `output/phi` (hub format) and `output/run.json`."""
     from tqdm.auto import tqdm
@@ -197,16 +234,7 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     output = Path(cfg.output)
-    data = to_tensors(load_image_dataset(cfg.dataset, cfg.dataset_split), cfg.image_size)
-    tasks = make_tasks(
-        data.labels,
-        cfg.groups,
-        cfg.seed,
-        parse_classes(cfg.classes),
-        cfg.task_split,
-        min_images=cfg.batch_size,
-        train_per_class=cfg.train_per_class,
-    )
+    data, tasks = source_tasks(cfg)
     torch.manual_seed(seed_for(cfg.seed, "phi"))
     phi = MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size).to(
         accelerator.device
@@ -291,10 +319,11 @@ def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
 def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
+    sources = [(cfg.dataset, cfg.classes, cfg.groups), *map(parse_source, cfg.extra_sources)]
     phi.provenance = {
-        "title": f"MetaPerturb φ meta-trained on {cfg.dataset} with {cfg.model}",
-        "source_dataset": cfg.dataset,
-        "source_classes": cfg.classes or "all",
+        "title": f"MetaPerturb φ meta-trained on {' + '.join(s[0] for s in sources)} with {cfg.model}",
+        "source_dataset": " + ".join(s[0] for s in sources),
+        "source_classes": " + ".join(s[1] or "all" for s in sources),
         "train_per_class": cfg.train_per_class,
         "tasks": len(tasks),
         "source_model": cfg.model,

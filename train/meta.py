@@ -29,6 +29,8 @@ HELP = {
     "dataset_split": "the dataset split to meta-train on",
     "classes": "class subset to meta-train on, e.g. 0-4 (hold the rest out for evaluation); default all",
     "groups": "number of class groups G; there are 2G tasks",
+    "extra_sources": "more source datasets, each DATASET:CLASSES:GROUPS (CLASSES empty for all), e.g. "
+    "fashion_mnist:0-4:2: each split into tasks of its own, so that φ is meta-trained on several domains",
     "task_split": "class_wise (the paper's) or instance_wise (the homogeneous ablation)",
     "train_per_class": "keep only N training images per class in every task (the data-scarce regime φ is for); "
     "default all",
