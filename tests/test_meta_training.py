@@ -77,7 +77,7 @@ def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):
     tasks = json.loads((out / "run.json").read_text())["tasks"]
     assert [t["train"] for t in tasks] == [5 * len(t["classes"]) for t in tasks]
     assert [t["val"] for t in tasks] == [12 * len(t["classes"]) for t in tasks], "validation halves stay whole"
-    assert "| training images per class in each task | 5 |" in (out / "phi" / "README.md").read_text()
+    assert "| training images per class in each task (at most) | 5 |" in (out / "phi" / "README.md").read_text()
 
 
 def test_channels_last_meta_trains_the_same_phi(tmp_path, images):
@@ -141,7 +141,6 @@ def test_extra_sources_make_tasks_of_their_own(tmp_path, images):
         (["--dataset", "/no/such/folder"], "could not load dataset"),
         (["--groups", "3"], "cannot make 3 class-wise groups"),
         (["--batch-size", "64"], "fewer than 64 training or validation images"),
-        (["--train-per-class", "13"], "fewer than train_per_class=13"),
         (["--extra-sources", "digits:0-4"], "a source is DATASET:CLASSES:GROUPS"),
     ],
 )

@@ -46,8 +46,10 @@ def test_train_per_class_keeps_n_training_images_of_each_class():
         assert set(s.train.tolist()) <= set(f.train.tolist()), "a subset of the task's own half"
         assert torch.bincount(LABELS[s.train], minlength=10)[list(s.classes)].tolist() == [4] * len(s.classes)
         assert torch.equal(s.train, a.train), "deterministic from the seed"
-    with pytest.raises(ValueError, match="fewer than train_per_class=16"):
-        make_tasks(LABELS, num_groups=2, classes=parse_classes("0-4"), train_per_class=16)
+    capped = make_tasks(LABELS, num_groups=2, seed=3, classes=parse_classes("0-4"), train_per_class=16)
+    for f, c in zip(full, capped, strict=True):  # halves hold 10-20 images of a class: the larger ones are cut
+        counts = torch.bincount(LABELS[f.train], minlength=10)[list(f.classes)]
+        assert torch.bincount(LABELS[c.train], minlength=10)[list(c.classes)].tolist() == counts.clamp(max=16).tolist()
     with pytest.raises(ValueError, match="train_per_class must be at least 1"):
         make_tasks(LABELS, num_groups=2, train_per_class=0)
 

@@ -15,7 +15,7 @@ MADE_BY = (
     ("origin", "origin"),
     ("source_dataset", "source dataset"),
     ("source_classes", "source classes"),
-    ("train_per_class", "training images per class in each task"),
+    ("train_per_class", "training images per class in each task (at most)"),
     ("tasks", "meta-training tasks"),
     ("source_model", "source network"),
     ("steps", "meta-training steps"),

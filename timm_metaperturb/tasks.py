@@ -48,9 +48,10 @@ def make_tasks(
 ) -> list[Task]:
     """2 * num_groups tasks over the images whose label is in `classes` (default: all).
 
-    `train_per_class` keeps only that many training images of each class in every task (validation sets stay
-    whole), so that the task networks overfit as a data-scarce target's would and φ's validation gradient
-    learns to regularise that regime. The tasks' splits are the same with or without it.
+    `train_per_class` keeps at most that many training images of each class in every task (validation sets stay
+    whole), so that the task networks overfit as a data-scarce target's would and φ's validation gradient learns
+    to regularise that regime. A class with fewer keeps all it has, so that sources of different sizes can share
+    one setting. The tasks' splits are the same with or without it.
 
     Fails before any training when there are fewer than 2 classes per group, or when a task would have fewer
     than `min_images` training or validation images (a batch needs that many).
@@ -101,11 +102,6 @@ def _subsample(task: Task, labels: torch.Tensor, per_class: int, generator: torc
     kept = []
     for c in task.classes:
         own = task.train[labels[task.train] == c]
-        if len(own) < per_class:
-            raise ValueError(
-                f"task {task.index} has {len(own)} training images of class {c}, fewer than train_per_class="
-                f"{per_class}: use a smaller train_per_class or fewer groups"
-            )
         kept.append(own[torch.randperm(len(own), generator=generator)[:per_class]])
     return Task(task.index, task.classes, torch.cat(kept).sort().values, task.val)
 

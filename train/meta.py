@@ -32,7 +32,7 @@ HELP = {
     "extra_sources": "more source datasets, each DATASET:CLASSES:GROUPS (CLASSES empty for all), e.g. "
     "fashion_mnist:0-4:2: each split into tasks of its own, so that φ is meta-trained on several domains",
     "task_split": "class_wise (the paper's) or instance_wise (the homogeneous ablation)",
-    "train_per_class": "keep only N training images per class in every task (the data-scarce regime φ is for); "
+    "train_per_class": "keep at most N training images per class in every task (the data-scarce regime φ is for); "
     "default all",
     "model": "source network: any timm CNN name, e.g. resnet20, conv4, resnet18",
     "spatial_norm": "s_norm of φ (default: the image size)",
