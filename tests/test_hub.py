@@ -174,3 +174,28 @@ def test_shipped_default_phi_card_and_snippet():
     assert "9 sites" in ran.stdout
     default = MetaPerturb.from_pretrained(DEFAULT_PHI_DIR)
     assert default.provenance["source_classes"] == "0-4" and default.provenance["steps"] > 0
+
+
+def test_set_default_ships_the_old_default_on_under_a_name(tmp_path, monkeypatch):
+    import shutil
+
+    import hub.set_default as set_default
+    from timm_metaperturb import loading, load_phi
+
+    default, named = tmp_path / "default_phi", tmp_path / "phis"
+    shutil.copytree(loading.DEFAULT_PHI_DIR, default)
+    for module in (loading, set_default):
+        monkeypatch.setattr(module, "DEFAULT_PHI_DIR", default)
+        monkeypatch.setattr(module, "PACKAGED_PHIS_DIR", named)
+    old = MetaPerturb.from_pretrained(default).state_dict()
+    torch.manual_seed(0)
+    MetaPerturb().save_pretrained(tmp_path / "new")
+    new = MetaPerturb.from_pretrained(tmp_path / "new").state_dict()
+
+    set_default.main([str(tmp_path / "new"), "--keep-current-as", "previous"])
+    assert loading.packaged_phis() == ["previous"]
+    assert all(torch.equal(load_phi(None).state_dict()[k], v) for k, v in new.items())
+    assert all(torch.equal(load_phi("previous").state_dict()[k], v) for k, v in old.items())
+    assert 'phi="previous"' in _python_blocks(ModelCard.load(named / "previous" / "README.md"))
+    with pytest.raises(SystemExit, match="already ships"):
+        set_default.main([str(tmp_path / "new"), "--keep-current-as", "previous"])

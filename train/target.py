@@ -36,7 +36,8 @@ HELP = {
     "classes": "class subset, e.g. 5-9",
     "model": "any timm CNN name, e.g. resnet20, conv4, wrn28_2, resnet18",
     "method": "base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination a+b",
-    "phi": "φ for metaperturb: a folder, .safetensors file or Hub repo id (default: the shipped φ)",
+    "phi": "φ for metaperturb: a folder, .safetensors file, Hub repo id, or the name of another φ the package "
+    "ships (timm_metaperturb.packaged_phis()) (default: the shipped φ)",
     "init_from": "fine-tune from this network checkpoint (network.safetensors of an earlier run)",
     "milestones": "fractions of the steps where the learning rate is multiplied by --gamma",
     "anneal": "MetaPerturb's strength k rises linearly to 1 over this fraction of the steps",
