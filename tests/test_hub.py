@@ -180,7 +180,7 @@ def test_set_default_ships_the_old_default_on_under_a_name(tmp_path, monkeypatch
     import shutil
 
     import hub.set_default as set_default
-    from timm_metaperturb import loading, load_phi
+    from timm_metaperturb import load_phi, loading
 
     default, named = tmp_path / "default_phi", tmp_path / "phis"
     shutil.copytree(loading.DEFAULT_PHI_DIR, default)
