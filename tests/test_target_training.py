@@ -35,6 +35,7 @@ from timm_metaperturb.target_training import (
     save_checkpoint,
     train_target,
     training_loss_with_and_without_noise,
+    unfit_warning,
 )
 
 TINY = dict(dataset="digits", max_per_class=10, test_rest=True, hflip=False, model="conv4", image_size=16,
@@ -426,3 +427,15 @@ def test_training_loss_with_and_without_noise_leaves_the_model_as_it_was(tmp_pat
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "statistics restored"
     assert torch.equal(torch.get_rng_state(), rng) and get_injection(model).strength == 0.3
     assert get_injection(model).phi.eval_noise == cfg.eval_noise
+
+
+def test_a_run_that_ends_far_from_fitting_warns_what_to_do(tmp_path, phi_dir):
+    assert unfit_warning({"noise": 0.21, "expected": 0.14}) is None, "the shipped φ on devanagari: it fits"
+    with pytest.warns(UserWarning, match="the noise may be too strong .* --method base") as caught:
+        run = train_target(TargetConfig(**{**TINY, "phi": phi_dir, "output": str(tmp_path / "r")}))
+    assert run["train_loss_phi"]["noise"] > 0.5, "6 steps: far from fitting"
+    assert (
+        run["warnings"] == [str(caught[0].message)]
+        and f"{run['train_loss_phi']['noise']:.2f} nats" in run["warnings"][0]
+    )
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["warnings"] == run["warnings"]
