@@ -22,7 +22,7 @@ from .injection import (
     set_eval_noise,
     set_perturb_strength,
 )
-from .loading import load_phi
+from .loading import load_phi, packaged_phis
 from .official_checkpoint import load_official_checkpoint
 from .phi import MetaPerturb, SiteStatistics
 from .recalibration import recalibrate_batchnorm
@@ -49,6 +49,7 @@ __all__ = [
     "load_official_checkpoint",
     "load_phi",
     "models",
+    "packaged_phis",
     "recalibrate_batchnorm",
     "remove_metaperturb",
     "set_eval_noise",
