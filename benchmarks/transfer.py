@@ -3,7 +3,8 @@
     python -m benchmarks.transfer --quick     # one seed, resnet20 only (about an hour on 2 CPU cores)
     python -m benchmarks.transfer             # the full table: 5 target x network cells, 6 rows, 3 seeds
     python -m benchmarks.transfer --regime    # base vs MetaPerturb at 20, 50, 100, 500 images per class
-    python -m benchmarks.transfer --suite     # many-class targets with a style shift (rendered letters)
+    python -m benchmarks.transfer --suite     # many-class targets with a style shift (rendered letters), φ vs base
+    python -m benchmarks.transfer --suite --quick   # 4 of them, base and the shipped φ (under an hour on 2 cores)
     python -m benchmarks.transfer --ablation  # what each part of MetaPerturb contributes (resnet20, Fashion-MNIST)
     python -m benchmarks.transfer --phi-row meta150=outputs/meta-150/phi   # a row for another φ
     python -m benchmarks.transfer --rows base,metaperturb+manifold_mixup   # a combination row: do they add up?
@@ -161,10 +162,13 @@ def update_default_card(rows: list[dict]) -> None:
     phi.save_pretrained(DEFAULT_PHI_DIR, model_card_kwargs={"phi_source": None})
 
 
-def rows(authors_phi: Path | None, phis: dict[str, str], ablation: bool) -> dict[str, list[str]]:
-    """Table rows and the train/target.py arguments of each: the baselines, or with `ablation` base and the
-    ablations; MetaPerturb with the shipped φ, the authors' (when there) and each of `phis` (row name: path)."""
-    table = {name: ["--method", name] for name in (["base"] if ablation else BASELINES)}
+def rows(
+    authors_phi: Path | None, phis: dict[str, str], ablation: bool, baselines: bool = True
+) -> dict[str, list[str]]:
+    """Table rows and the train/target.py arguments of each: base and (with `baselines`) the other baselines;
+    MetaPerturb with the shipped φ, the authors' (when there) and each of `phis` (row name: path); with `ablation`,
+    the ablations (and no other baseline)."""
+    table = {name: ["--method", name] for name in (BASELINES if baselines and not ablation else ["base"])}
     table["metaperturb"] = ["--method", "metaperturb"]  # the shipped φ, meta-trained by this project
     if authors_phi is not None:
         table["metaperturb-authors"] = ["--method", "metaperturb", "--phi", str(authors_phi)]
@@ -276,7 +280,9 @@ def cell_means(
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="seed 0 and resnet20 only")
+    parser.add_argument(
+        "--quick", action="store_true", help="seed 0 and resnet20 only (--suite: 4 targets, base and the shipped φ)"
+    )
     parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
     parser.add_argument("--ablation", action="store_true", help="the ablation rows on resnet20 / Fashion-MNIST 5-9")
     parser.add_argument("--suite", action="store_true", help="the many-class, style-shifted targets, resnet20")
@@ -310,9 +316,11 @@ def main(argv: list[str] | None = None) -> str:
         cells, args.rows = [regime_cell(n) for n in REGIME_SIZES], args.rows or "base,metaperturb"
     if args.ablation:  # on the ablation cell, or on any cell --cells names
         cells = CELLS if args.cells else [ABLATION_CELL]
-    if args.suite:
-        cells = [(f"{script}@{n}", network) for network in ("resnet20", "conv4") for script, n in SUITE.items()]
+    if args.suite:  # φ against base; --quick: the first four targets and the shipped φ alone (under an hour)
+        scripts = list(SUITE)[:4] if args.quick else list(SUITE)
+        cells = [(f"{s}@{SUITE[s]}", network) for network in ("resnet20", "conv4") for s in scripts]
         cells = cells if args.cells else [c for c in cells if c[1] == "resnet20"]
+        args.rows = args.rows or ("base,metaperturb" if args.quick else None)
     phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
     if len(phis) != len(args.phi_row):
         parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> str:
     authors = args.authors_phi if args.authors_phi.is_file() else None
     if authors is None:
         print(f"the authors' φ is not at {args.authors_phi}: its row is left out", file=sys.stderr)
-    table_rows = rows(authors, phis, args.ablation)
+    table_rows = rows(authors, phis, args.ablation, baselines=not args.suite)
     if args.rows:
         wanted_rows = args.rows.split(",")
         table_rows.update({row: ["--method", row] for row in wanted_rows if is_combination(row)})

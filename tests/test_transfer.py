@@ -176,3 +176,15 @@ def test_ablation_rows_and_phi_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--phi-row", "phi150", "--runs-dir", str(tmp_path), "--results", str(results)])
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_quick_suite_is_four_targets_base_and_the_shipped_phi(tmp_path):
+    for cell in ("hebrew@20", "georgian@16"):
+        for row in ("base", "metaperturb"):
+            write_evaluations(tmp_path, (cell, "resnet20"), row, 0, {"mean-bn": 50.0, "final": 40.0})
+    args = ["--suite", "--table-only", "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")]
+    quick = main([*args, "--quick"])
+    assert "**resnet20 on hebrew@20**" in quick and "| metaperturb | mean-bn | 50.00 ± 0.00 |" in quick
+    assert "georgian" not in quick and "dropblock" not in quick and "of 8 runs finished" in quick
+    full = main([*args, "--seeds", "0", "--authors-phi", str(tmp_path / "absent.pth")])
+    assert "**resnet20 on georgian@16**" in full and "dropblock" not in full and "of 12 runs finished" in full
