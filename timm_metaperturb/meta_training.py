@@ -81,6 +81,10 @@ class MetaTrainConfig:
                    "train_per_class", "model", "image_size", "batch_size", "seed", "steps", "clip", "channel_norm",
                    "spatial_norm", "placement")  # fmt: skip
 
+    def sources(self) -> list[tuple[str, str | None, int]]:
+        """(dataset, classes, groups) of every source dataset: `dataset` first, then each of `extra_sources`."""
+        return [(self.dataset, self.classes, self.groups), *map(parse_source, self.extra_sources)]
+
 
 @contextmanager
 def frozen_statistics(net: nn.Module):
@@ -200,7 +204,7 @@ def parse_source(text: str) -> tuple[str, str | None, int]:
 def source_tasks(cfg: MetaTrainConfig) -> tuple[ImageTensors, list[Task]]:
     """The source datasets (`dataset`, then each of `extra_sources`) as one ImageTensors whose labels run on from
     one dataset to the next, and the tasks of each, split within that dataset: a task never mixes domains."""
-    sources = [(cfg.dataset, cfg.classes, cfg.groups), *map(parse_source, cfg.extra_sources)]
+    sources = cfg.sources()
     parts: list[ImageTensors] = []
     tasks: list[Task] = []
     for name, classes, groups in sources:
@@ -319,7 +323,7 @@ def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
 def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    sources = [(cfg.dataset, cfg.classes, cfg.groups), *map(parse_source, cfg.extra_sources)]
+    sources = cfg.sources()
     phi.provenance = {
         "title": f"MetaPerturb φ meta-trained on {' + '.join(s[0] for s in sources)} with {cfg.model}",
         "source_dataset": " + ".join(s[0] for s in sources),
