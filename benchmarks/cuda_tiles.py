@@ -1,6 +1,6 @@
 """Whether φ's Triton kernels are limited by their launch configuration: resnet20's training step at 32x32 with
 the whole step captured in a CUDA graph, for each tile (pixels x channels per program step) and warps per program
-(`timm_metaperturb.phi_cuda.Tile`), as a ratio to the plain network's graphed step, medians over interleaved
+(`timm_metaperturb.phi.cuda.Tile`), as a ratio to the plain network's graphed step, medians over interleaved
 repeats. Needs a GPU.
 
     python -m benchmarks.cuda_tiles --repeats 5
@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.overhead import DEFAULT_VARIANT, GraphedTrainStep, build, median_times
 from benchmarks.results import machine, write_section
-from timm_metaperturb import phi_cuda
+from timm_metaperturb.phi import cuda as phi_cuda
 
 TILES = [  # the shipped tile first, then halved and doubled in pixels, channels and warps
     phi_cuda.Tile(),

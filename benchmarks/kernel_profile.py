@@ -5,8 +5,8 @@ among the C++ functions (the torch profiler stops at the kernel call), or to tim
     perf report -i phi.perf --no-children --sort symbol --dso <the kernels' .so, named in perf's output>
     python -m benchmarks.kernel_profile --time    # each kernel's median time instead (interleaved calls)
     python -m benchmarks.kernel_profile --time --march haswell   # the build an older CPU runs (here AVX2)
-    git show fa54e18:timm_metaperturb/csrc/phi_cpu.cpp > /tmp/old.cpp
-    python -m benchmarks.kernel_profile --time --against /tmp/old.cpp   # and that version's, interleaved
+    git show REV:timm_metaperturb/phi/csrc/phi_cpu.cpp > old.cpp    # an earlier version of the kernels
+    python -m benchmarks.kernel_profile --time --against old.cpp   # and that version's, interleaved
 
 One training step's worth at one site, as a frozen φ runs it: the noise path forward with eps drawn from a seed,
 its backward drawing eps again, the scale's features (keeping relu's gates) and their backward; then the
@@ -25,9 +25,11 @@ from types import ModuleType
 
 import torch
 
-from timm_metaperturb import MetaPerturb, keep_freed_memory, phi_cpu
-from timm_metaperturb.phi import _GRID_LIMIT, _GRID_STEP, _expected_softplus_table
-from timm_metaperturb.phi_fused import NO_TABLE
+from timm_metaperturb import MetaPerturb
+from timm_metaperturb.phi import cpu as phi_cpu
+from timm_metaperturb.phi.fused import NO_TABLE
+from timm_metaperturb.phi.torch_ops import GRID_LIMIT, GRID_STEP, expected_softplus_table
+from timm_metaperturb.training.cpu_memory import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,10 +67,10 @@ def kernel_calls(kernels: ModuleType, x: torch.Tensor) -> list[tuple[str, Callab
     """A frozen φ's kernel calls at one site for the map x: a training step's, then the single pass."""
     phi = MetaPerturb().requires_grad_(False)
     grad, s = torch.randn_like(x), torch.rand(x.shape[1])
-    weights, scale_kernels = phi._noise_weights(), phi.scale_kernels.float()
+    weights, scale_kernels = phi.noise_weights(), phi.scale_kernels.float()
     grad_features = torch.randn(x.shape[0], x.shape[1], phi.h_dim)
     gates = kernels.scale_features_forward(x, scale_kernels, True)[1]
-    table = (*_expected_softplus_table(x.device, x.dtype), _GRID_LIMIT, _GRID_STEP)
+    table = (*expected_softplus_table(x.device, x.dtype), GRID_LIMIT, GRID_STEP)
     return [
         (
             "noise path forward",

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results import machine, write_section
-from timm_metaperturb import MetaPerturb, keep_freed_memory
-from timm_metaperturb.data import ImageTensors
-from timm_metaperturb.meta_training import MetaTrainConfig, TaskRunner
-from timm_metaperturb.tasks import make_tasks
+from timm_metaperturb import MetaPerturb
+from timm_metaperturb.training.cpu_memory import keep_freed_memory
+from timm_metaperturb.training.data import ImageTensors
+from timm_metaperturb.training.meta import MetaTrainConfig, TaskRunner
+from timm_metaperturb.training.tasks import make_tasks
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results import machine, write_section
-from timm_metaperturb import MetaPerturb, SiteStatistics, inject_metaperturb, keep_freed_memory, set_eval_noise
+from timm_metaperturb import MetaPerturb, inject_metaperturb, set_eval_noise
 from timm_metaperturb.discovery import Site, discover_sites
-from timm_metaperturb.phi_reference import reference_perturb
+from timm_metaperturb.phi import SiteStatistics
+from timm_metaperturb.phi.reference import reference_perturb
 from timm_metaperturb.sites import SiteModule, attach
+from timm_metaperturb.training.cpu_memory import keep_freed_memory
 
 CONFIGS = [("resnet20", 32), ("resnet20", 84), ("resnet18", 64)]
 PROFILES = Path(__file__).with_name("profiles")  # --profile's tables, one file per device kind
@@ -50,7 +52,7 @@ NCHW = "plain NCHW"  # with --channels-last: the plain network in the default la
 
 
 class ReferencePerturbation(SiteModule):
-    """The formulas, written out directly (`phi_reference.py`), applied at the same sites with the same φ."""
+    """The formulas, written out directly (`phi/reference.py`), applied at the same sites with the same φ."""
 
     def __init__(self, sites: list[Site], phi: MetaPerturb) -> None:
         super().__init__(sites)
@@ -356,13 +358,16 @@ def main(argv: list[str] | None = None) -> str:
             f"{evaluation['plain']:.3f} | {single} | {ratio[mc]:.2f}x |{cells} {mem} |"
         )
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    variant = [args.device.split(":")[0].upper(), *(["channels-last"] if args.channels_last else []),
+               *(["glibc's malloc defaults"] if malloc_defaults else [])]  # fmt: skip
     text = (
-        f"## MetaPerturb overhead (`benchmarks/overhead.py`)\n\nCommand: `{command.strip()}`; machine: {machine()}; "
+        f"## MetaPerturb overhead: {', '.join(variant)} (`benchmarks/overhead.py`)\n\n"
+        f"Command: `{command.strip()}`; machine: {machine()}; "
         f"{'2 threads' if args.device == 'cpu' else args.device}; {malloc}batch {args.batch_size}; "
         f"{'networks and inputs channels-last (NHWC)' if args.channels_last else 'NCHW'}; medians of {repeats} "
         "interleaved repeats; ratios to the plain network measured in the same run. Training step = forward, "
-        "backward, Adam. Project φ: fused = its fused kernels (the default: C++ on a CPU, `phi_cpu.py`; Triton on "
-        "CUDA, `phi_cuda.py`; eps drawn again in the backward), kept / redrawn = on torch operators with eps kept "
+        "backward, Adam. Project φ: fused = its fused kernels (the default: C++ on a CPU, `phi/cpu.py`; Triton on "
+        "CUDA, `phi/cuda.py`; eps drawn again in the backward), kept / redrawn = on torch operators with eps kept "
         "for the backward / drawn again there from its seed. "
         "Eval: one deterministic pass (noise replaced by its expectation) and "
         f"{mc} ({args.mc_passes} sampled passes, the reference's way, with φ's default for the device)"

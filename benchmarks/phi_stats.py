@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from benchmarks.results import machine, write_section
 from benchmarks.transfer import ABLATION_CELL, AUTHORS_PHI, RUNS, run_dir, target_args
 from timm_metaperturb import inject_metaperturb, load_phi
-from timm_metaperturb.data import Augmentation, normalise
 from timm_metaperturb.phi import MetaPerturb, expected_softplus
-from timm_metaperturb.target_training import prepare_data
+from timm_metaperturb.training.data import Augmentation, normalise
+from timm_metaperturb.training.target import prepare_data
 from train.target import parse_args
 
 PHIS = Path(__file__).with_name("phis")

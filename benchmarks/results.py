@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from timm_metaperturb.provenance import machine
+from timm_metaperturb.training.provenance import machine
 
 __all__ = ["machine", "write_section"]
 

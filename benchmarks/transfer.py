@@ -39,7 +39,7 @@ TARGETS = {
     "digits": ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip"],
 }
 # targets unlike the source: 27-92 classes, 8-24 training images per class (training sets of 528-1,056 images, none
-# a multiple of a batch), test letters drawn from other fonts than the training letters (glyphs.py)
+# a multiple of a batch), test letters drawn from other fonts than the training letters (training/glyphs.py)
 SUITE = {"hebrew": 20, "thai": 15, "kana": 10, "devanagari": 24, "georgian": 16, "ethiopic": 8}
 TARGETS.update({f"{script}@{n}": ["--dataset", f"glyphs-{script}", "--max-per-class", str(n), "--no-hflip"]
                 for script, n in SUITE.items()})  # fmt: skip
@@ -73,7 +73,7 @@ SETUP = (
 SUITE_SETUP = (
     "Targets glyphs-SCRIPT@N: the letters of one script (27 to 92 classes), N training images per class rendered "
     "from sans-serif fonts, 30 test images per class from serif, handwritten or brush fonts (`timm_metaperturb/"
-    "glyphs.py`), no horizontal flip. No script here is a meta-training source of any φ in the table."
+    "training/glyphs.py`), no horizontal flip. No script here is a meta-training source of any φ in the table."
 )
 
 ABLATION_SETUP = (
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> str:
         plot = [f"![regime](regime-{args.device}.png)  (Fashion-MNIST@N = N training images per class)"]
     text = "\n\n".join(
         [
-            f"## {title} (`benchmarks/transfer.py`{', quick' if args.quick else ''})",
+            f"## {title}: {args.device.split(':')[0].upper()}, {args.steps:,} steps{', quick' if args.quick else ''} "
+            "(`benchmarks/transfer.py`)",
             f"Command: `{command.strip()}`; machine: {args.machine}; {args.workers} workers; {args.steps} steps per "
             f"run; seeds {','.join(map(str, seeds))}; {len(done)} of {len(jobs)} runs finished, {compute:.0f} min of "
             f"run time in all (this invocation: {(time.time() - started) / 60:.1f} min wall; finished runs are "

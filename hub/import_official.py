@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 from timm_metaperturb import load_official_checkpoint
+from timm_metaperturb.command_line import run_main
 
 # The paper's Table 1 (ResNet-20, source Tiny ImageNet, mean of 5 runs): reported, not measured here.
 PAPER_RESULTS = [
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

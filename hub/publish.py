@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from timm_metaperturb import MetaPerturb
+from timm_metaperturb.command_line import run_main
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

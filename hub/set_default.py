@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from timm_metaperturb import MetaPerturb
+from timm_metaperturb.command_line import run_main
 from timm_metaperturb.loading import DEFAULT_PHI_DIR, PACKAGED_PHIS_DIR, packaged_phis
 
 
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_metaperturb.data import FASHION_MNIST_DIR, Augmentation, augment, load_image_dataset, to_tensors
+from timm_metaperturb.training.data import FASHION_MNIST_DIR, Augmentation, augment, load_image_dataset, to_tensors
 
 
 def make_image_folder(root, classes=4, per_class=24, size=12, seed=0):
@@ -53,8 +53,8 @@ def test_local_image_folder(tmp_path):
 
 
 def test_missing_dataset_says_what_was_tried(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not a built-in.*not a local folder"):
-        load_image_dataset(str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match=r"nothing-here' is a path, and nothing exists there"):
+        load_image_dataset(str(tmp_path / "nothing-here"))  # at once: a path is never asked of the Hub
 
 
 def test_augmentation_is_reproducible_and_shaped():

@@ -4,9 +4,9 @@ sources, no Latin letters or Arabic numerals, and a clear error where a font is 
 import numpy as np
 import pytest
 
-from timm_metaperturb import glyphs
-from timm_metaperturb.data import load_image_dataset, to_tensors
-from timm_metaperturb.target_training import TargetConfig, prepare_data
+from timm_metaperturb.training import glyphs
+from timm_metaperturb.training.data import load_image_dataset, to_tensors
+from timm_metaperturb.training.target import TargetConfig, prepare_data
 
 
 def thai_fonts_installed() -> bool:

@@ -102,8 +102,10 @@ def test_hub_errors_name_the_problem(tmp_path, hub_server, hub_env, phi):
 
 
 def test_local_errors_name_the_problem(tmp_path, phi):
-    with pytest.raises(FileNotFoundError, match="not a valid repo id"):
+    with pytest.raises(FileNotFoundError, match="is a path, and nothing exists there"):
         MetaPerturb.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+    with pytest.raises(FileNotFoundError, match="not a valid repo id"):
+        MetaPerturb.from_pretrained("not a repo id")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):

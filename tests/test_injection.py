@@ -5,18 +5,22 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import small_cnn
 
+import timm_metaperturb as tm
 from timm_metaperturb import (
     NoBlocksError,
     get_injection,
     inject_metaperturb,
-    phi_fused,
     remove_metaperturb,
     set_eval_noise,
     set_perturb_strength,
 )
+from timm_metaperturb.injection import eval_noise_as
+from timm_metaperturb.phi import RunMode, fused
+from timm_metaperturb.regularizers import REGULARIZERS
 
 # model -> (constructor, input size, number of sites, rule, (first site's name, target, position, call))
 MODELS = {
@@ -138,8 +142,8 @@ def test_single_pass_eval_compiles_to_one_graph(phi, fused):
     graph computes what eager does, φ included. Eager runs the same implementation as the graph: the fused CPU
     kernels round differently from torch operators, which this large φ amplifies through 9 sites."""
     torch._dynamo.reset()
-    phi.fused_kernels = fused
     model = inject_metaperturb(timm.create_model("resnet20"), phi).eval()
+    get_injection(model).mode = RunMode(fused_kernels=fused)
     set_eval_noise(model, "mean")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -155,7 +159,7 @@ def test_training_compiles_to_one_graph_on_the_fused_kernels(phi):
     """In training too torch.compile keeps φ's fused operators in one graph (fullgraph: no break where φ draws a
     seed, checks its statistics or loads its kernels). Given the same seeds the compiled forward, its gradients
     and the running statistics are eager's, and a NaN raises φ's error from inside the graph."""
-    if phi_fused.cpu_kernels() is None:
+    if fused.cpu_kernels() is None:
         pytest.skip("φ's CPU kernels cannot be built here (no C++ compiler)")
     torch._dynamo.reset()
     eager = inject_metaperturb(timm.create_model("conv4"), phi).train()
@@ -224,18 +228,39 @@ def test_strength_is_validated(phi):
         set_perturb_strength(timm.create_model("resnet20"), 0.5)
 
 
-def test_batch_of_one_in_training_is_finite(phi):
-    model = inject_metaperturb(timm.create_model("resnet20"), phi).train()
-    model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
-    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+def test_batch_of_one_in_training_uses_the_running_statistics(phi):
+    """One image in training (batch norm frozen, as a user fine-tuning with batch size 1 would): φ's scale comes
+    from the sites' running statistics, so the output is what evaluation with sampled noise gives."""
+    model = inject_metaperturb(timm.create_model("resnet20"), phi)
+    model.train()(torch.randn(8, 3, 32, 32))  # running statistics
+    x = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(0)
+    evaluated = model.eval()(x)
+    model.train().apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), evaluated)
 
 
-def test_bfloat16_autocast_is_finite(phi):
-    model = inject_metaperturb(timm.create_model("resnet20"), phi).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(4, 3, 32, 32))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    out.float().sum().backward()
+def test_bfloat16_autocast_follows_float32():
+    """Under bfloat16 autocast the network's output and φ's gradients stay close to float32's (φ itself computes
+    in float32; the same seed draws the same noise). The shipped φ: a realistic noise level."""
+    model = inject_metaperturb(timm.create_model("resnet20"), train_phi=True).train()
+    phi = get_injection(model).phi
+    x = torch.randn(4, 3, 32, 32)
+    outputs, grads = {}, {}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        model.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x)
+        outputs[name] = out
+        out.float().square().sum().backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in phi.parameters()])
+    assert outputs["bfloat16"].dtype == torch.bfloat16
+    full = outputs["float32"]
+    torch.testing.assert_close(outputs["bfloat16"].float(), full, rtol=0.05, atol=0.05 * full.abs().max().item())
+    cosine = F.cosine_similarity(grads["bfloat16"], grads["float32"], dim=0)
+    assert cosine > 0.98, f"φ's gradient under bfloat16 points elsewhere (cosine {cosine:.3f})"
 
 
 def test_nan_input_in_training_names_the_site(phi):
@@ -405,3 +430,53 @@ def test_probe_leaves_model_state_and_rng_untouched(phi):
     assert torch.equal(torch.rand(1), expected)
     assert model.training and not model.blocks[0].training and model.blocks[1].training
     assert torch.equal(model.blocks[0].bn1.running_mean, bn_before)
+
+
+def test_models_sharing_one_phi_keep_their_own_evaluation(phi):
+    """One φ in two networks: the other network's evaluation mode and train/eval flag leave this one's
+    predictions as they were (φ is only read; what changes lives on each network's injection)."""
+    torch.manual_seed(0)
+    first, second = (inject_metaperturb(timm.create_model("resnet20", num_classes=3), phi) for _ in range(2))
+    x = torch.randn(4, 3, 32, 32)
+    first.train()(x), second.train()(x)  # running statistics for eval
+    set_eval_noise(second.eval(), "mean")
+    with torch.no_grad():
+        before = second(x)
+        set_eval_noise(first, "sample")
+        first.train()
+        assert torch.equal(second(x), before)
+        set_eval_noise(first.eval(), "mean")
+        set_eval_noise(second, "sample")
+        assert not torch.equal(second(x), second(x)), "second samples again"
+        assert torch.equal(first(x), first(x)), "first's own mode is deterministic"
+
+
+def test_a_temporary_eval_noise_comes_back_after_an_error(phi):
+    model = inject_metaperturb(timm.create_model("resnet20", num_classes=3), phi)
+    with pytest.raises(RuntimeError, match="inside"), eval_noise_as(model, "mean"):
+        assert get_injection(model).mode.eval_noise == "mean"
+        raise RuntimeError("inside")
+    assert get_injection(model).mode.eval_noise == "sample"
+    with pytest.raises(ValueError, match="eval noise must be one of"):
+        set_eval_noise(model, "median")
+
+
+@pytest.mark.parametrize("name", sorted(REGULARIZERS))
+def test_every_regularizer_attaches_and_removes_the_same_way(name, phi):
+    """add_regularizer returns the model for every regularizer, MetaPerturb included; get_regularizer finds what
+    was attached; remove_regularizer returns it and leaves the network's keys and outputs as before."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=3).eval()
+    plain_keys, x = list(model.state_dict()), torch.randn(2, 3, 32, 32)
+    plain = model(x)
+    options = {"phi": phi} if name == "metaperturb" else {}
+    assert tm.add_regularizer(model, name, **options) is model
+    owner = tm.get_regularizer(model, name)
+    assert getattr(model, name) is owner and all(k in model.state_dict() for k in plain_keys)
+    with pytest.raises(ValueError, match="already has"):
+        tm.add_regularizer(model, name, **options)
+    removed = tm.remove_regularizer(model, name)
+    assert removed is (owner.phi if name == "metaperturb" else owner)
+    assert list(model.state_dict()) == plain_keys and torch.equal(model(x), plain)
+    with pytest.raises(ValueError, match=f'add_regularizer\\(model, "{name}"\\)'):
+        tm.get_regularizer(model, name)

@@ -1,7 +1,7 @@
 """The overhead benchmark's profile: it must show φ's own operators in φ's step and only there."""
 
 from benchmarks.overhead import profile
-from timm_metaperturb import phi_fused
+from timm_metaperturb.phi import fused as phi_fused
 
 
 def test_profile_separates_plain_and_phi_steps():

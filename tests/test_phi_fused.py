@@ -1,4 +1,4 @@
-"""φ's fused kernels (`phi_fused.py`), C++ on a CPU and Triton on CUDA: used by default, the same function as
+"""φ's fused kernels (`phi/fused.py`), C++ on a CPU and Triton on CUDA: used by default, the same function as
 the torch operators (forward, gradients, running statistics, the single-pass evaluation), deterministic, and a
 fallback that keeps φ working where they cannot run. Without a GPU the Triton kernels run in Triton's
 interpreter on the CPU (TRITON_INTERPRET=1), standing in for the C++ ones."""
@@ -11,18 +11,21 @@ from conftest import strong_phi
 
 import timm_metaperturb
 from benchmarks.overhead import saved_bytes
-from timm_metaperturb import SiteStatistics, phi_cpu, phi_fused
-from timm_metaperturb import phi as phi_mod
-from timm_metaperturb.phi_reference import reference_perturb
+from timm_metaperturb.phi import RunMode, SiteStatistics
+from timm_metaperturb.phi import cpu as phi_cpu
+from timm_metaperturb.phi import fused as phi_fused
+from timm_metaperturb.phi import module as phi_mod
+from timm_metaperturb.phi import torch_ops as phi_ops
+from timm_metaperturb.phi.reference import reference_perturb
 
 CLIP = 3.0  # low enough that some outputs are clipped
 
 
 def interpreted_triton_kernels():
-    """phi_cuda.py's kernels, which run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+    """phi/cuda.py's kernels, which run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
     where there is no GPU)."""
     pytest.importorskip("triton")
-    from timm_metaperturb import phi_cuda
+    from timm_metaperturb.phi import cuda as phi_cuda
 
     return phi_cuda
 
@@ -90,9 +93,8 @@ def test_fused_kernels_run_by_default(device):
     h = torch.randn(4, 6, 8, 8, device=device, requires_grad=True)
     nodes = graph_nodes(strong_phi(clip=CLIP).to(device)(h, SiteStatistics(6, 4).to(device).train()))
     assert {FUSED_NOISE_PATH, FUSED_SCALE_FEATURES} <= nodes
-    phi = strong_phi(clip=CLIP).to(device)
-    phi.fused_kernels = False
-    assert FUSED_NOISE_PATH not in graph_nodes(phi(h, SiteStatistics(6, 4).to(device).train()))
+    phi, plain = strong_phi(clip=CLIP).to(device), RunMode(fused_kernels=False)
+    assert FUSED_NOISE_PATH not in graph_nodes(phi(h, SiteStatistics(6, 4).to(device).train(), mode=plain))
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -142,7 +144,7 @@ def test_frozen_phi_gets_no_kernel_gradients_and_the_same_input_gradient(device)
     assert torch.equal(grads[False], grads[True])
     kernels, x, grad = phi_fused.device_kernels(h), h.detach(), torch.randn_like(h)
     *_, grad_w1_self, _, _, grad_w2_mean = kernels.perturb_backward(
-        grad, x, None, 5, torch.ones(6, device=device), *phi._noise_weights(), 1.0, CLIP, False
+        grad, x, None, 5, torch.ones(6, device=device), *phi.noise_weights(), 1.0, CLIP, False
     )
     _, grad_scale_kernels = kernels.scale_features_backward(
         torch.randn(4, 6, 4, device=device), x, None, phi.scale_kernels.detach(), False
@@ -193,19 +195,17 @@ def assert_fused_equals_reference(phi, shape, layout, device):
 def test_fused_single_pass_equals_torch_operators(layout, channels, device):
     """The deterministic single pass (noise replaced by its expectation) at eval, with running statistics; with
     fewer channels than a vector, and with whole vectors and a remainder."""
-    fused, plain = strong_phi(clip=CLIP).to(device).eval(), strong_phi(clip=CLIP).to(device).eval()
-    plain.fused_kernels = False
-    for phi in (fused, plain):
-        phi.eval_noise = "mean"
+    phi = strong_phi(clip=CLIP).to(device).eval()
+    fused, plain = RunMode(eval_noise="mean"), RunMode(eval_noise="mean", fused_kernels=False)
     stats = SiteStatistics(channels, 4).to(device).eval()
     stats.running_mean.uniform_(0, 1)
     h = (torch.randn(5, channels, 10, 10, device=device) * 3).contiguous(memory_format=layout)
     with torch.no_grad():
-        out = fused(h, stats, strength=0.8)
+        out = phi(h, stats, strength=0.8, mode=fused)
         assert out.grad_fn is None and out.is_contiguous(memory_format=layout)
-        torch.testing.assert_close(out, plain(h, stats, strength=0.8), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, phi(h, stats, strength=0.8, mode=plain), rtol=1e-5, atol=1e-5)
     # with gradients wanted, the single pass runs on torch operators, which have a backward
-    assert fused(h.requires_grad_(), stats).requires_grad
+    assert phi(h.requires_grad_(), stats, mode=fused).requires_grad
 
 
 def test_single_pass_keeps_a_nan_to_its_own_image(device):
@@ -216,9 +216,8 @@ def test_single_pass_keeps_a_nan_to_its_own_image(device):
     h[1, 2, 3, 3] = float("nan")
     for fused in (True, False):
         phi = strong_phi(clip=CLIP).to(device).eval()
-        phi.eval_noise, phi.fused_kernels = "mean", fused
         with torch.no_grad():
-            out = phi(h, SiteStatistics(11, 4).to(device).eval())
+            out = phi(h, SiteStatistics(11, 4).to(device).eval(), mode=RunMode(eval_noise="mean", fused_kernels=fused))
         assert out[1].isnan().any() and not out[[0, 2]].isnan().any()
 
 
@@ -245,10 +244,9 @@ def test_redrawn_noise_gives_the_same_gradients_from_less_memory(device):
     h = torch.randn(8, 16, 12, 12, device=device, requires_grad=True)
     results = {}
     for redraw in (False, True):
-        phi = strong_phi(clip=CLIP).to(device)
-        phi.redraw_noise = redraw
+        phi, mode = strong_phi(clip=CLIP).to(device), RunMode(redraw_noise=redraw)
         torch.manual_seed(2)
-        out, kept = saved_bytes(lambda phi=phi: phi(h, SiteStatistics(16, 4).to(device).train()))
+        out, kept = saved_bytes(lambda phi=phi, mode=mode: phi(h, SiteStatistics(16, 4).to(device).train(), mode=mode))
         results[redraw] = (kept, out, *torch.autograd.grad(out.square().sum(), [h, *phi.parameters()]))
     (kept_u, *values_kept), (kept_seed, *values_redrawn) = results[False], results[True]
     assert all(torch.equal(a, b) for a, b in zip(values_kept, values_redrawn, strict=True))
@@ -329,8 +327,8 @@ def test_cuda_kernels_switched_off_or_without_triton_leave_torch_operators(monke
     assert phi_fused.cuda_kernels() is None
     monkeypatch.delenv(phi_fused.CUDA_SWITCH)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
-    monkeypatch.delitem(sys.modules, "timm_metaperturb.phi_cuda", raising=False)
-    monkeypatch.delattr(timm_metaperturb, "phi_cuda", raising=False)
+    monkeypatch.delitem(sys.modules, "timm_metaperturb.phi.cuda", raising=False)
+    monkeypatch.delattr(timm_metaperturb.phi, "cuda", raising=False)
     with pytest.warns(UserWarning, match="need Triton"):
         assert phi_fused.cuda_kernels() is None
     assert phi_fused.cuda_kernels() is None  # once
@@ -368,8 +366,8 @@ def test_fused_operators_pass_torch_library_checks():
     both layouts, with eps given or drawn from a seed, and u kept or drawn again."""
     cpu_build("native")
     phi = strong_phi(clip=CLIP)
-    weights, kernels = phi._noise_weights(), phi.scale_kernels
-    table = (*phi_mod._expected_softplus_table(torch.device("cpu"), torch.float32), 16.0, 1.0 / 256)
+    weights, kernels = phi.noise_weights(), phi.scale_kernels
+    table = (*phi_ops.expected_softplus_table(torch.device("cpu"), torch.float32), 16.0, 1.0 / 256)
     frozen = [w.detach() for w in weights]
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 5, 6, 17).contiguous(memory_format=layout).requires_grad_()

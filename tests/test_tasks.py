@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from timm_metaperturb.tasks import make_tasks, parse_classes, tasks_of_rank
+from timm_metaperturb.training.tasks import make_tasks, parse_classes, tasks_of_rank
 
 LABELS = torch.arange(10).repeat_interleave(30)
 

@@ -6,6 +6,7 @@ import argparse
 
 import timm
 
+from .command_line import run_main
 from .discovery import PLACEMENTS, discover_sites
 
 
@@ -30,4 +31,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,9 +25,29 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .state_dicts import mismatch_report
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
+
+
+def missing_local_path(source: str | os.PathLike) -> str | None:
+    """Why `source`, which does not exist, must be a local path and not a Hub repo id (so that it fails at once
+    instead of waiting on the Hub), or None where it may be a repo id. A repo id is `name` or `owner/name`."""
+    text = str(source)
+    if os.path.exists(text):
+        return None
+    path_like = text.startswith(("/", "./", "../", "~")) or "\\" in text or text.count("/") > 1
+    if isinstance(source, os.PathLike) or path_like:
+        return f"'{text}' is a path, and nothing exists there"
+    if text.lower().endswith(FILE_SUFFIXES):
+        return f"'{text}' names a file, and no such file exists"
+    first = text.split("/")[0]
+    if "/" in text and os.path.isdir(first):
+        return f"'{text}' does not exist, although the folder '{first}' does"
+    return None
 
 
 class PhiHubMixin(ModelHubMixin):
@@ -103,6 +123,8 @@ class PhiHubMixin(ModelHubMixin):
         if os.path.isfile(source):
             return cls.from_safetensors_file(source)
         hint = f"folder '{source}'"
+        if (reason := missing_local_path(pretrained_model_name_or_path)) is not None:
+            raise FileNotFoundError(f"φ {reason}: pass a save_pretrained folder, a .safetensors file or a Hub repo id")
         if not os.path.isdir(source):
             hint = f"'{source}' is not a local file or folder, so it was tried as a Hub repo id at {constants.ENDPOINT}"
             if revision:
@@ -202,20 +224,8 @@ class PhiHubMixin(ModelHubMixin):
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """load_state_dict that names every missing, unexpected and mis-shaped tensor of `source`."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mis_shaped = [
-            f"{k}: {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or mis_shaped:
-            problems = [
-                f"{label}: {', '.join(items)}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-                if items
-            ]
-            raise ValueError(f"{source} does not hold a φ with config {self.config}: " + "; ".join(problems))
+        if report := mismatch_report(own, state):
+            raise ValueError(f"{source} does not hold a φ with config {self.config}: {report}")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k])

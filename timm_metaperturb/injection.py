@@ -7,34 +7,51 @@ stay exactly as they were, and φ and the sites' statistics appear under the one
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .discovery import BlocksSpec, Site, discover_sites
 from .loading import PhiSource, load_phi
-from .phi import EVAL_NOISE, MetaPerturb, SiteStatistics
+from .phi import MetaPerturb, RunMode, SiteStatistics
 from .recalibration import recalibrate_batchnorm
 from .sites import SiteModule, attach, attached, detach
 
 ATTRIBUTE = "metaperturb"
+ANNEAL = 0.4  # the paper's schedule: the strength k rises from 0 to 1 over the first 40% of training
+
+
+def annealed_strength(step: int, steps: int, anneal: float = ANNEAL) -> float:
+    """k = min(1, step / (anneal * steps)): 0 at the start, 1 from `anneal` of the way on (always 1 if anneal is 0)."""
+    return 1.0 if anneal <= 0 else min(1.0, step / (anneal * steps))
 
 
 class MetaPerturbInjection(SiteModule):
-    """What `inject_metaperturb` registers on a network: the one φ, the running statistics of each site, and
-    the annealing strength k."""
+    """What `inject_metaperturb` registers on a network: the one φ, the running statistics of each site, the
+    annealing strength k and how φ runs for this network (`mode`: evaluation noise, components, kernels). φ itself
+    is only read, so several networks can share one φ and each keep its own settings."""
 
-    def __init__(self, phi: MetaPerturb, sites: list[Site], strength: float = 1.0) -> None:
+    CONFIG_FIELDS: ClassVar[dict[str, str]] = {"phi": "phi", "anneal": "anneal"}
+
+    def __init__(self, phi: MetaPerturb, sites: list[Site], strength: float = 1.0, anneal: float = ANNEAL) -> None:
         super().__init__(sites)
         self.phi = phi
         self.sites = nn.ModuleDict({s.key: SiteStatistics(s.channels, phi.h_dim) for s in sites})
         self.strength = strength
+        self.anneal = anneal
+        self.mode = RunMode()
         self.heights: dict[str, int] = {}  # each site's latest feature-map height, for `scales`
+
+    def set_progress(self, step: int, steps: int) -> None:
+        self.strength = annealed_strength(step, steps, self.anneal)
 
     def perturb(self, site: Site, h):
         self.heights[site.key] = h.shape[-2]
-        return self.phi(h, self.sites[site.key], self.strength, site=site.name)
+        return self.phi(h, self.sites[site.key], self.strength, site=site.name, mode=self.mode, training=self.training)
 
     @torch.no_grad()
     def scales(self) -> dict[str, torch.Tensor]:
@@ -47,7 +64,7 @@ class MetaPerturbInjection(SiteModule):
         }
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength}, sites={len(self.site_list)}"
+        return f"strength={self.strength}, sites={len(self.site_list)}, eval_noise={self.mode.eval_noise}"
 
 
 def inject_metaperturb(
@@ -58,6 +75,7 @@ def inject_metaperturb(
     placement: str = "pre_activation",
     input_size: tuple[int, int, int] | None = None,
     strength: float = 1.0,
+    anneal: float = ANNEAL,
     train_phi: bool = False,
 ) -> nn.Module:
     """Add MetaPerturb after every block of `model`, in place, and return it.
@@ -72,6 +90,8 @@ def inject_metaperturb(
             output; the authors' placement) or "output" (always at the block's output).
         input_size: (C, H, W) of the dummy batch that probes the network; defaults to the timm config's.
         strength: the annealing coefficient k in [0, 1]; change it later with `set_perturb_strength`.
+        anneal: the fraction of training over which a loop that reports its progress (`set_progress`) raises k
+            from 0 to 1.
         train_phi: leave φ's parameters trainable (meta-training); by default they are frozen.
     """
     if not isinstance(model, nn.Module):
@@ -82,7 +102,7 @@ def inject_metaperturb(
     phi = load_phi(phi)
     sites = discover_sites(model, blocks=blocks, placement=placement, input_size=input_size)
     phi.requires_grad_(train_phi)
-    return attach(model, MetaPerturbInjection(phi, sites, strength), ATTRIBUTE)
+    return attach(model, MetaPerturbInjection(phi, sites, strength, anneal), ATTRIBUTE)
 
 
 def get_injection(model: nn.Module) -> MetaPerturbInjection:
@@ -107,9 +127,8 @@ def set_eval_noise(model: nn.Module, mode: str, recalibrate: Iterable[torch.Tens
     (the noise replaced by its expectation: one deterministic pass). With "mean", pass `recalibrate` (batches
     of preprocessed training inputs) to re-estimate batch norm's statistics in that mode, without which the
     deterministic pass loses accuracy (see `recalibrate_batchnorm`)."""
-    if mode not in EVAL_NOISE:
-        raise ValueError(f"eval noise must be one of {EVAL_NOISE}, got {mode!r}")
-    get_injection(model).phi.eval_noise = mode
+    injection = get_injection(model)
+    injection.mode = replace(injection.mode, eval_noise=mode)  # validates the mode
     if recalibrate is not None:
         recalibrate_batchnorm(model, recalibrate)
 
@@ -118,3 +137,16 @@ def set_perturb_strength(model: nn.Module, strength: float) -> None:
     """Set the annealing coefficient k of every site of `model` at once."""
     _check_strength(strength)
     get_injection(model).strength = float(strength)
+
+
+@contextmanager
+def eval_noise_as(model: nn.Module, mode: str) -> Iterator[None]:
+    """`set_eval_noise(model, mode)` for the duration of a `with` block; the previous mode comes back even when
+    the block raises."""
+    injection = get_injection(model)
+    previous = injection.mode
+    set_eval_noise(model, mode)
+    try:
+        yield
+    finally:
+        injection.mode = previous

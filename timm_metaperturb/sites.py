@@ -9,6 +9,8 @@ working network along.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -30,8 +32,28 @@ class SiteModule(nn.Module):
         self._checkpoint_had_keys = True
         self.register_load_state_dict_post_hook(SiteModule._forgive_plain_checkpoint)
 
+    # options of `add_regularizer` that a training config supplies, {argument: config field}
+    CONFIG_FIELDS: ClassVar[dict[str, str]] = {}
+
     def perturb(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- the training loop's protocol: every part optional, so a loop needs no method names ---------------------
+
+    def set_progress(self, step: int, steps: int) -> None:
+        """Before each training step: where training stands (`step` of `steps`), for a schedule."""
+
+    def transform_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The training batch's input before the forward (a mixing method plans and mixes here)."""
+        return x
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The training loss in place of cross-entropy (mixed targets), or None."""
+        return None
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A penalty to add to the training loss after the forward (a KL term), or None."""
+        return None
 
     def forward(self, x):
         return x

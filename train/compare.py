@@ -22,9 +22,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from timm_metaperturb.command_line import run_main
+
 TARGET = Path(__file__).with_name("target.py")
 METRICS = (("accuracy", "accuracy (%)", 2), ("nll", "NLL", 3), ("ece", "ECE (%)", 2))
-CHECKPOINT_EVERY = 500  # steps: a run cut off (a session's end, a killed job) loses at most this many
+CHECKPOINT_EVERY = 500  # steps: a run cut off (a killed job, a machine taken back) loses at most this many
 
 
 def run_one(output: Path, target_args: list[str], threads: int) -> Path:
@@ -131,4 +133,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

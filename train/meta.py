@@ -21,8 +21,9 @@ import sys
 
 from accelerate import Accelerator
 
-from timm_metaperturb.cli import config_parser
-from timm_metaperturb.meta_training import MetaTrainConfig, meta_train
+from timm_metaperturb.command_line import run_main
+from timm_metaperturb.training.cli import config_parser
+from timm_metaperturb.training.meta import MetaTrainConfig, meta_train
 
 HELP = {
     "dataset": "fashion_mnist, digits, a local image folder, or a Hugging Face Hub dataset name",
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,8 +21,9 @@ import argparse
 import shlex
 import sys
 
-from timm_metaperturb.cli import config_parser
-from timm_metaperturb.target_training import TargetConfig, train_target
+from timm_metaperturb.command_line import run_main
+from timm_metaperturb.training.cli import config_parser
+from timm_metaperturb.training.target import TargetConfig, train_target
 
 # the embedded default job (no --dataset): small enough for 5 minutes on 2 CPU cores
 DEFAULT_JOB = ["--dataset", "digits", "--max-per-class", "20", "--test-rest", "--no-hflip", "--steps", "400",
@@ -100,4 +101,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

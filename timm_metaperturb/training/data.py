@@ -16,10 +16,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
 
+from ..hub import missing_local_path
 from .glyphs import builtin_names, render_builtin
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -55,8 +58,6 @@ def _fashion_mnist(split: str):
 
 
 def _digits(split: str):
-    from sklearn.datasets import load_digits
-
     if split != "train":
         raise ValueError(
             f"digits has a single split, 'train' (1,797 images); split it yourself for testing, not '{split}'"
@@ -68,8 +69,6 @@ def _digits(split: str):
 
 def _array_dataset(images: np.ndarray, labels: np.ndarray, class_names: list[str]):
     """A `datasets.Dataset` of equal-sized grayscale uint8 images (N, H, W) and their class labels."""
-    import datasets
-
     features = datasets.Features(
         {
             "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
@@ -81,8 +80,6 @@ def _array_dataset(images: np.ndarray, labels: np.ndarray, class_names: list[str
 
 def _standardise_columns(ds, name: str):
     """Rename the dataset's image and class-label columns to `image` and `label`."""
-    import datasets
-
     image_cols = [
         c for c, f in ds.features.items() if isinstance(f, (datasets.Image, datasets.Array2D, datasets.Array3D))
     ]
@@ -100,8 +97,6 @@ def load_image_dataset(name: str, split: str = "train"):
     sub-folder per class (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the
     first time).
     """
-    import datasets
-
     if name == "fashion_mnist":
         return _fashion_mnist(split)
     if name == "digits":
@@ -110,6 +105,8 @@ def load_image_dataset(name: str, split: str = "train"):
         return _array_dataset(*render_builtin(name, split))
     if os.path.isdir(name):
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
+    elif (reason := missing_local_path(name)) is not None:
+        raise FileNotFoundError(f"dataset {reason}: pass a folder of images (a sub-folder per class) or a Hub dataset")
     else:
         try:
             ds = datasets.load_dataset(name, split=split)
@@ -135,8 +132,6 @@ class ImageTensors:
 
 def to_tensors(ds, image_size: int) -> ImageTensors:
     """Decode, make 3-channel and resize every image of `ds` once (bilinear, antialiased)."""
-    import datasets
-
     if isinstance(ds.features["image"], datasets.Image):  # PIL images, possibly of different sizes and modes
         images = [np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in ds["image"]]
         batches = _batches_of_one_shape(images)

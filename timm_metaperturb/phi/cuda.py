@@ -1,5 +1,5 @@
-"""φ's fused CUDA kernels, written in Triton: the same five entry points as the C++ CPU kernels (`phi_cpu.py`),
-so `phi_fused.py` runs one autograd code for both devices.
+"""φ's fused CUDA kernels, written in Triton: the same five entry points as the C++ CPU kernels (`cpu.py`),
+so `fused.py` runs one autograd code for both devices.
 
 On a GPU, φ on torch operators is bound by the host launching dozens of small kernels per site; here a site's
 forward is three passes (channel mean, hidden layer, noise and modulation) plus one for the scale features, and

@@ -1,6 +1,6 @@
 """Building φ's fused CPU kernels (`csrc/phi_cpu.cpp`): the noise path, the modulation and the scale features in
 a few passes over each image while it sits in cache, instead of a dozen separate operators per injection site.
-`phi_fused.py` runs them (and the CUDA ones) under autograd.
+`fused.py` runs them (and the CUDA ones) under autograd.
 
 Built with the machine's C++ compiler the first time φ runs on a CPU (about 40 s, then cached by
 torch.utils.cpp_extension). Where they cannot be built (no compiler), or with TIMM_METAPERTURB_CPU_KERNELS=0,
@@ -17,6 +17,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
+from ..cpu_info import cpu_flags
+
 SOURCE = Path(__file__).with_name("csrc") / "phi_cpu.cpp"
 # no -ffast-math, which would break NaN propagation; on x86 with AVX-512, its 512-bit vectors (GCC stops at 256
 # bits unless told otherwise; φ's loops gain from them), an option GCC knows only for x86
@@ -28,25 +32,15 @@ logger = logging.getLogger(__name__)
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def cpuinfo(field: str) -> str | None:
-    """The first CPU's `field` in /proc/cpuinfo ("model name", "flags", ...); None where Linux gives none."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.partition(":")[2].strip() for line in lines if line.startswith(field)), None)
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags as Linux lists them (avx2, avx512f, ...); empty where /proc/cpuinfo has none."""
-    return set((cpuinfo("flags") or "").split())
-
-
 def _build_name(march: str, source: Path) -> str:
-    """One build per CPU kind, target and source file (-march=native code must not run on another CPU sharing the
-    cache; another source, as benchmarks/kernel_profile.py --against builds, must not replace this one's)."""
+    """One build per everything the binary depends on: CPU kind and target (-march=native code must not run on
+    another CPU sharing the cache), compiler flags, the torch build it links against (two environments side by side
+    must not load or replace each other's build) and the source file, by path and text (torch rebuilds a build whose
+    source path changed, so two clones would otherwise rebuild each other's on every alternation)."""
     cpu = platform.processor() or platform.machine()
-    key = f"{cpu}{sorted(cpu_flags())}{march}{'' if source == SOURCE else source.resolve()}"
+    torch_build = f"{torch.__version__} {torch.version.git_version}"
+    text = hashlib.sha1(source.read_bytes()).hexdigest()
+    key = f"{cpu}{sorted(cpu_flags())}{march}{FLAGS}{torch_build}{source.resolve()}{text}"
     return "timm_metaperturb_phi_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -54,8 +48,13 @@ def build(march: str = "native", source: Path = SOURCE) -> ModuleType:
     """The kernels compiled for GCC's `-march` target (or loaded from torch's extension cache). φ runs the
     "native" build, vectorised for this CPU at its widest vectors; the tests also build older targets
     ("haswell": AVX2, "x86-64": no AVX), to check on one machine the code paths that other CPUs take."""
-    from torch.utils import cpp_extension
-
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on every CPU-only machine
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
     return cpp_extension.load(
         _build_name(march, source), [str(source)], extra_cflags=[f"-march={march}", *FLAGS], extra_ldflags=["-fopenmp"]
     )

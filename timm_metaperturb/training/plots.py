@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_run(run: dict, output: Path) -> list[Path]:
@@ -21,7 +18,8 @@ def plot_run(run: dict, output: Path) -> list[Path]:
 
 def plot_convergence(run: dict, path: Path) -> Path:
     steps = [h["step"] for h in run["history"]]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    acc, loss = fig.subplots(1, 2)
     acc.plot(steps, [h["accuracy"] for h in run["history"]], marker="o")
     acc.set(xlabel="step", ylabel="test accuracy (%)", title="Test accuracy")
     loss.plot(steps, [h["train_loss"] for h in run["history"]], marker="o", label="training loss (batch)")
@@ -37,7 +35,8 @@ def plot_reliability(run: dict, path: Path) -> Path:
     n = len(bins["count"])
     centers = [(i + 0.5) / n for i in range(n)]
     used = [i for i in range(n) if bins["count"][i] > 0]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig = Figure(figsize=(4.2, 4.2))
+    ax = fig.subplots()
     ax.bar(
         [centers[i] for i in used], [bins["accuracy"][i] for i in used], width=1 / n, edgecolor="k", label="accuracy"
     )
@@ -49,7 +48,8 @@ def plot_reliability(run: dict, path: Path) -> Path:
 
 
 def plot_scales(scales: dict[str, list[float]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(scales) + 2), 3.6))
+    fig = Figure(figsize=(max(4.0, 0.5 * len(scales) + 2), 3.6))
+    ax = fig.subplots()
     for i, values in enumerate(scales.values()):
         ordered = sorted(values)
         offsets = [i + 0.8 * (j / max(1, len(ordered) - 1) - 0.5) for j in range(len(ordered))]
@@ -59,8 +59,7 @@ def plot_scales(scales: dict[str, list[float]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -10,13 +10,12 @@ with `resume` continues from its last checkpoint and ends with the same network 
 from __future__ import annotations
 
 import json
-import os
-import pickle
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -26,7 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
 
+from ..injection import ATTRIBUTE, annealed_strength, eval_noise_as, get_injection, set_eval_noise
+from ..recalibration import recalibrate_batchnorm
+from ..regularizers import REGULARIZERS, add_regularizer, get_regularizer
+from ..sites import SiteModule
+from ..state_dicts import mismatch_report
+from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
 from .data import (
     Augmentation,
@@ -38,15 +44,10 @@ from .data import (
     seed_for,
     to_tensors,
 )
-from .injection import ATTRIBUTE, get_injection, inject_metaperturb, set_eval_noise, set_perturb_strength
 from .metrics import classification_metrics, reliability_bins
-from .provenance import changed_settings
-from .recalibration import recalibrate_batchnorm
-from .regularizers import REGULARIZERS, DropBlock, add_regularizer
-from .sites import SiteModule
 from .tasks import parse_classes
 
-METHODS = ("base", "metaperturb", *REGULARIZERS)
+METHODS = ("base", *REGULARIZERS)
 
 
 @dataclass
@@ -189,19 +190,11 @@ def load_initial_weights(model: nn.Module, path: str) -> list[str]:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     head = (model.pretrained_cfg or {}).get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    skipped = [k for k in mismatched if k.startswith(head + ".")]
-    problems = {
-        "missing": sorted(set(own) - set(state)),
-        "unexpected": sorted(set(state) - set(own)),
-        "mis-shaped": [
-            f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched if k not in skipped
-        ],
-    }
-    if any(problems.values()):
-        found = "; ".join(f"{label}: {', '.join(items[:6])}" for label, items in problems.items() if items)
-        raise ValueError(f"--init-from {path} does not fit {type(model).__name__} ({found})")
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    skipped = [k for k in own if k.startswith(head + ".") and k in state and state[k].shape != own[k].shape]
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    if report := mismatch_report({k: v for k, v in own.items() if k not in skipped}, kept):
+        raise ValueError(f"--init-from {path} does not fit {type(model).__name__} ({report})")
+    model.load_state_dict(kept, strict=False)
     return skipped
 
 
@@ -215,20 +208,15 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     if cfg.init_from:
         load_initial_weights(model, cfg.init_from)
     size = (3, cfg.image_size, cfg.image_size)
-    attached: dict[str, nn.Module] = {}
+    attached: dict[str, SiteModule] = {}
     for method in methods:
-        if method == "metaperturb":
-            inject_metaperturb(model, cfg.phi, placement=cfg.placement, input_size=size)
-            attached[method] = get_injection(model)
-            attached[method].phi.components = cfg.phi_components.split(",")
-            set_eval_noise(model, cfg.eval_noise)
-        else:
-            options = {
-                "information_dropout": {"alpha_max": cfg.info_alpha_max, "beta": cfg.info_beta},
-                "dropblock": {"drop_prob": cfg.dropblock_prob, "block_size": cfg.dropblock_size},
-                "manifold_mixup": {"alpha": cfg.mixup_alpha},
-            }[method]
-            attached[method] = add_regularizer(model, method, placement=cfg.placement, input_size=size, **options)
+        options = {arg: getattr(cfg, field) for arg, field in REGULARIZERS[method].CONFIG_FIELDS.items()}
+        add_regularizer(model, method, placement=cfg.placement, input_size=size, **options)
+        attached[method] = get_regularizer(model, method)
+    if ATTRIBUTE in attached:
+        injection = attached[ATTRIBUTE]
+        injection.mode = replace(injection.mode, components=cfg.phi_components.split(","))
+        set_eval_noise(model, cfg.eval_noise)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return model, attached
 
@@ -240,11 +228,6 @@ def base_state_dict(model: nn.Module, attached: dict[str, nn.Module]) -> dict[st
 
 
 # -- training and evaluation -----------------------------------------------------------------------------------
-
-
-def annealed_strength(step: int, steps: int, anneal: float) -> float:
-    """k = min(1, step / (anneal * steps)): 0 at the start, 1 from `anneal` of the way on."""
-    return 1.0 if anneal <= 0 else min(1.0, step / (anneal * steps))
 
 
 @torch.no_grad()
@@ -282,13 +265,12 @@ def training_loss_with_and_without_noise(
     model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
 ) -> dict[str, float]:
     """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with
-    φ's noise sampled ("noise") and replaced by its expectation ("expected", φ's scales from its running
-    statistics), other regularizers off: how far the noise keeps the training loss above what the same network
+    φ's noise sampled ("noise") and replaced by its expectation ("expected"; φ's scales from the batch's statistics
+    as in training), other regularizers off: how far the noise keeps the training loss above what the same network
     reaches without it. Side-effect free: batch norm's and φ's statistics, the strength, φ's modes and the random
     state are restored."""
     injection = get_injection(model)
-    phi = injection.phi
-    strength, noise_mode = injection.strength, phi.eval_noise
+    strength = injection.strength
     device = next(model.parameters()).device
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))  # batches of mixed classes
     images, labels = train.images[order], train.labels[order]
@@ -300,13 +282,13 @@ def training_loss_with_and_without_noise(
             for other in (m for m in model.modules() if isinstance(m, SiteModule) and m is not injection):
                 other.eval()  # φ alone: the regularizers trained beside it stay off
             if name == "expected":
-                phi.eval()
-                phi.eval_noise = "mean"
-            total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
-                        for x, y in zip(NormalisedBatches(images, aug, device, batch_size),
-                                        labels.split(batch_size), strict=True))  # fmt: skip
+                injection.training = False  # φ's noise as at eval; the sites keep the batch's statistics
+            with eval_noise_as(model, "mean" if name == "expected" else injection.mode.eval_noise):
+                total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
+                            for x, y in zip(NormalisedBatches(images, aug, device, batch_size),
+                                            labels.split(batch_size), strict=True))  # fmt: skip
             losses[name] = total / len(train)
-    injection.strength, phi.eval_noise = strength, noise_mode
+        injection.strength = strength
     model.eval()
     return losses
 
@@ -338,60 +320,28 @@ def evaluate_modes(
     expectation, "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
     `recalibrate_batchnorm`); keys "sample-N", "mean", "mean-bn". Without it (baselines): "final" and, for
     "mean-bn", "final-bn" (the deterministic pass after the same re-estimation). The model is left as it was."""
-    injection = getattr(model, ATTRIBUTE, None)
-    phi = injection.phi if injection is not None else None
-    noise, results, total = phi.eval_noise if phi else None, {}, None
+    phi = isinstance(getattr(model, ATTRIBUTE, None), SiteModule)
+    if "mean-bn" in modes and train is None:
+        raise ValueError("the 'mean-bn' evaluation needs the training images")
+    results, total = {}, None
     counts = sorted({int(m) for m in modes if m.isdigit()}) if phi else []
-    if phi:
-        phi.eval_noise = "sample"
-    for n in range(1, (counts[-1] if counts else 0) + 1):
-        probs = predict_proba(model, test.images, aug)
-        total = probs if total is None else total + probs
-        if n in counts:
-            results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
-    if phi:
-        phi.eval_noise = "mean"
+    with eval_noise_as(model, "sample") if phi else nullcontext():
+        for n in range(1, (counts[-1] if counts else 0) + 1):
+            probs = predict_proba(model, test.images, aug)
+            total = probs if total is None else total + probs
+            if n in counts:
+                results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
     deterministic = "mean" if phi else "final"
-    if "mean" in modes or not phi:
-        results[deterministic] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
-    if "mean-bn" in modes:
-        if train is None:
-            raise ValueError("the 'mean-bn' evaluation needs the training images")
-        probs = predict_recalibrated(model, test.images, aug, train)
-        results[f"{deterministic}-bn"] = classification_metrics(probs, test.labels)
-    if phi:
-        phi.eval_noise = noise
+    with eval_noise_as(model, "mean") if phi else nullcontext():
+        if "mean" in modes or not phi:
+            results[deterministic] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
+        if "mean-bn" in modes:
+            probs = predict_recalibrated(model, test.images, aug, train)
+            results[f"{deterministic}-bn"] = classification_metrics(probs, test.labels)
     return results
 
 
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write the training state to `path` through a temporary file, so that a run killed while writing keeps its
-    previous checkpoint."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path: Path, cfg: TargetConfig) -> dict:
-    """The training state saved at `path`, after checking that it was saved by a run with cfg's settings."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: cut off, or not written by a target "
-            "run); delete it to start the run again"
-        ) from error
-    saved = state["config"]
-    changed = changed_settings(saved, asdict(cfg), [k for k in saved if k not in cfg.RESUME_FREE])
-    if changed:
-        raise ValueError(
-            f"{path} was saved by a run with other settings (checkpoint, now): {changed}; resume with the same "
-            f"settings, or delete {path} to start again"
-        )
-    return state
+CHECKPOINT_DIR = "checkpoint"  # in the output folder; removed once the run is complete
 
 
 def training_state(
@@ -419,8 +369,6 @@ def restore_training_state(
 
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
     """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output_dir()`."""
-    from tqdm.auto import tqdm
-
     started = time.time()
     if torch.device(cfg.device).type == "cpu":
         keep_freed_memory()
@@ -444,14 +392,13 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
             return predict_recalibrated(model, test.images, aug, train)
         return predict_proba(model, test.images, aug, passes if stochastic else 1)
 
-    mixup = attached.get("manifold_mixup")
-    info = attached.get("information_dropout")
     history, strengths, start, elapsed = [], [], 0, 0.0
     output = cfg.output_dir()
     output.mkdir(parents=True, exist_ok=True)
-    checkpoint = output / CHECKPOINT_FILE
-    if cfg.resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, cfg)
+    checkpoint = output / CHECKPOINT_DIR
+    if cfg.resume and (checkpoint / STATE_FILE).is_file():
+        state = load_checkpoint_file(checkpoint / STATE_FILE)
+        check_resumable(state["config"], cfg, checkpoint)
         restore_training_state(state, model, optimizer, scheduler, sampler, cfg.device)
         history, strengths, start, elapsed = state["history"], state["strengths"], state["step"], state["elapsed"]
         print(f"resuming from {checkpoint} at step {start} of {cfg.steps}")
@@ -459,24 +406,21 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         print(f"no checkpoint in {output}: starting at step 0")
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
     for step in bar:
-        k = annealed_strength(step, cfg.steps, cfg.anneal)
-        if "metaperturb" in attached:
-            set_perturb_strength(model, k)
-        strengths.append(k)
         for owner in attached.values():
-            if isinstance(owner, DropBlock):
-                owner.strength = step / cfg.steps
+            owner.set_progress(step, cfg.steps)
+        strengths.append(annealed_strength(step, cfg.steps, cfg.anneal))
         model.train()
         idx = sampler.next()
         x = augment(train.images[idx], aug, sampler.generator).to(cfg.device)
         y = train.labels[idx].to(cfg.device)
-        if mixup is not None:
-            mixup.draw(len(y))
-            x = mixup.mix_input(x)
+        for owner in attached.values():
+            x = owner.transform_batch(x)
         logits = model(x)
-        loss = mixup.loss(logits, y) if mixup is not None else F.cross_entropy(logits, y)
-        if info is not None:
-            loss = loss + info.beta * info.kl()
+        task_losses = [loss for owner in attached.values() if (loss := owner.task_loss(logits, y)) is not None]
+        loss = task_losses[0] if task_losses else F.cross_entropy(logits, y)
+        for owner in attached.values():
+            if (extra := owner.extra_loss()) is not None:
+                loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -488,7 +432,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
             history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
             bar.set_postfix(acc=f"{history[-1]['accuracy']:.2f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(checkpoint, {
+            save_checkpoint_file(checkpoint, STATE_FILE, {
                 **training_state(model, optimizer, scheduler, sampler, cfg.device), "config": asdict(cfg),
                 "step": step + 1, "history": history, "strengths": strengths,
                 "elapsed": elapsed + time.time() - started,
@@ -524,7 +468,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
             warnings.warn(warning, stacklevel=2)
     save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
     (output / "run.json").write_text(json.dumps(run, indent=1))
-    checkpoint.unlink(missing_ok=True)  # the run is complete: run.json and the network replace it
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: run.json and the network replace it
     if cfg.plots:
         from .plots import plot_run
 

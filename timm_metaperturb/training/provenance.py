@@ -1,15 +1,13 @@
-"""What a recorded result ran on: the machine line written into run records, model cards and benchmarks, and the
-settings a checkpoint was saved with, which a resumed run must share."""
+"""What a recorded result ran on: the machine line written into run records, model cards and benchmarks."""
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterable
 
 import torch
 
-from .phi_cpu import cpu_flags, cpuinfo
+from ..cpu_info import cpu_flags, cpuinfo
 
 
 def machine() -> str:
@@ -20,9 +18,3 @@ def machine() -> str:
     vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{model}{f' ({vectors})' if vectors else ''}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
-
-
-def changed_settings(saved: dict, now: dict, keys: Iterable[str]) -> dict[str, tuple]:
-    """The settings among `keys` whose saved value differs from the value now, as {key: (saved, now)}: what
-    refuses a resume, since continuing under other settings would give a result that neither setting produces."""
-    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}

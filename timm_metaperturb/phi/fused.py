@@ -1,5 +1,5 @@
-"""φ's fused kernels as torch operators, for both devices: the C++ kernels on a CPU (`phi_cpu.py`), the Triton
-kernels on a CUDA GPU (`phi_cuda.py`). Both take the same arguments, so one set of operators serves both.
+"""φ's fused kernels as torch operators, for both devices: the C++ kernels on a CPU (`cpu.py`), the Triton
+kernels on a CUDA GPU (`cuda.py`). Both take the same arguments, so one set of operators serves both.
 
 Each is a `torch.library` custom operator with its shapes (a fake implementation) and its gradient registered, so
 that autograd runs them, and torch.compile keeps them in its graph as they are instead of tracing into them
@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .phi_cpu import cpu_kernels
+from .cpu import cpu_kernels
 
 CUDA_SWITCH = "TIMM_METAPERTURB_CUDA_KERNELS"
 _cuda: dict[str, ModuleType | None] = {}
@@ -30,9 +30,9 @@ def cuda_kernels() -> ModuleType | None:
         return None
     if "kernels" not in _cuda:
         try:
-            from . import phi_cuda
+            from . import cuda
 
-            _cuda["kernels"] = phi_cuda
+            _cuda["kernels"] = cuda
         except ImportError as error:
             warnings.warn(
                 f"φ's fused CUDA kernels need Triton ({error}); φ runs on torch operators instead (same results, "

@@ -12,7 +12,6 @@ interrupted run resumed from a checkpoint ends with the same φ.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..injection import get_injection, inject_metaperturb
+from ..phi import MetaPerturb
+from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
 from .data import (
     Augmentation,
@@ -34,12 +37,8 @@ from .data import (
     seed_for,
     to_tensors,
 )
-from .injection import get_injection, inject_metaperturb
-from .phi import MetaPerturb
-from .provenance import changed_settings, machine
+from .provenance import machine
 from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
-
-STATE_FILE = "meta_state.json"
 
 
 @dataclass
@@ -76,10 +75,8 @@ class MetaTrainConfig:
     cpu: bool = False
     channels_last: bool = False
 
-    # the settings a resumed run must share with the run it continues
-    RESUME_KEYS = ("dataset", "dataset_split", "classes", "groups", "extra_sources", "task_split",
-                   "train_per_class", "model", "image_size", "batch_size", "seed", "steps", "clip", "channel_norm",
-                   "spatial_norm", "placement")  # fmt: skip
+    # the settings a resumed run may change: where it writes and what it reports
+    RESUME_FREE = ("output", "checkpoint_every", "resume_from", "log_every", "report_to")
 
     def sources(self) -> list[tuple[str, str | None, int]]:
         """(dataset, classes, groups) of every source dataset: `dataset` first, then each of `extra_sources`."""
@@ -229,30 +226,30 @@ def source_tasks(cfg: MetaTrainConfig) -> tuple[ImageTensors, list[Task]]:
     return joined, tasks
 
 
+def initial_phi(cfg: MetaTrainConfig) -> MetaPerturb:
+    """φ before its first step: the paper's initialisation, drawn from the run's seed."""
+    torch.manual_seed(seed_for(cfg.seed, "phi"))
+    return MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size)
+
+
 def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPerturb:
     """Run (or resume) meta-training; on the main process, write `output/phi` (hub format) and `output/run.json`."""
-    from tqdm.auto import tqdm
-
     _check_model(cfg.model)
     started = time.time()
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     output = Path(cfg.output)
     data, tasks = source_tasks(cfg)
-    torch.manual_seed(seed_for(cfg.seed, "phi"))
-    phi = MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size).to(
-        accelerator.device
-    )
+    phi = initial_phi(cfg).to(accelerator.device)
     phi_optimizer = torch.optim.Adam(phi.parameters(), lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
     local = tasks_of_rank(len(tasks), accelerator.process_index, accelerator.num_processes)
     runners = [TaskRunner(tasks[i], data, cfg, phi, accelerator.device) for i in local]
     for p in phi.parameters():
         p.grad = torch.zeros_like(p)
-    accelerator.register_for_checkpointing(phi, phi_optimizer)
 
     start, history = 0, []
     if cfg.resume_from:
-        start, history = _resume(cfg, accelerator, runners)
+        start, history = _resume(cfg, phi, phi_optimizer, runners)
     if cfg.report_to:
         accelerator.init_trackers("metaperturb", config={k: v for k, v in asdict(cfg).items() if v is not None})
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
@@ -269,7 +266,9 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             history.append(_log(step + 1, metrics, accelerator, bar))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(output / "checkpoints" / f"step_{step + 1}", step + 1, cfg, accelerator, runners, history)
+            shared = {"step": step + 1, "config": asdict(cfg), "history": history, "phi": phi.state_dict(),
+                      "phi_optimizer": phi_optimizer.state_dict()}  # fmt: skip
+            save_checkpoint(output / "checkpoints" / f"step_{step + 1}", shared, accelerator, runners)
 
     flat_phi = torch.cat([p.detach().flatten() for p in phi.parameters()])
     everyone = accelerator.gather(flat_phi[None])
@@ -291,32 +290,28 @@ def _log(step: int, metrics: torch.Tensor, accelerator, bar) -> dict:
     return record
 
 
-def save_checkpoint(path: Path, step: int, cfg: MetaTrainConfig, accelerator, runners, history) -> None:
-    """φ and its optimizer through Accelerate's save_state; every task's network, optimizer and samplers in
-    `task_{i}.pt`, written by the process that runs it (so a resume may use another number of processes)."""
+def save_checkpoint(path: Path, shared: dict, accelerator, runners) -> None:
+    """`shared` (step, settings, φ and its optimizer) written by the main process; every task's network,
+    optimizer and samplers in `task_{i}.pt`, written by the process that runs it (so a resume may use another
+    number of processes)."""
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    os.makedirs(path, exist_ok=True)
     for runner in runners:
-        torch.save(runner.state_dict(), path / f"task_{runner.task.index}.pt")
+        save_checkpoint_file(path, f"task_{runner.task.index}.pt", runner.state_dict())
     if accelerator.is_main_process:
-        state = {"step": step, "config": asdict(cfg), "history": history}
-        (path / STATE_FILE).write_text(json.dumps(state))
+        save_checkpoint_file(path, STATE_FILE, shared)
     accelerator.wait_for_everyone()
 
 
-def _resume(cfg: MetaTrainConfig, accelerator, runners) -> tuple[int, list]:
+def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> tuple[int, list]:
     path = Path(cfg.resume_from)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
+    if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
-    changed = changed_settings(state["config"], asdict(cfg), cfg.RESUME_KEYS)
-    if changed:
-        raise ValueError(f"cannot resume {path} with other settings (checkpoint, now): {changed}")
-    accelerator.load_state(str(path))
+    state = load_checkpoint_file(path / STATE_FILE)
+    check_resumable(state["config"], cfg, path)
+    phi.load_state_dict(state["phi"])
+    phi_optimizer.load_state_dict(state["phi_optimizer"])
     for runner in runners:
-        runner.load_state_dict(torch.load(path / f"task_{runner.task.index}.pt", map_location="cpu", weights_only=True))
+        runner.load_state_dict(load_checkpoint_file(path / f"task_{runner.task.index}.pt"))
     return state["step"], state["history"]
 
 

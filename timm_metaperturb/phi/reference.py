@@ -1,5 +1,5 @@
 """φ's formulas written out directly, every gradient left to autograd: the ground truth that the fast φ of
-`phi.py` is tested against (forward and gradients) and that `benchmarks/overhead.py` times it against.
+`module.py` is tested against (forward and gradients) and that `benchmarks/overhead.py` times it against.
 
 The reference's way: depthwise convolutions with the shared kernels repeated per channel, one grouped
 convolution with h_dim * C outputs for the scale statistics, separate elementwise operations.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .phi import MetaPerturb
+from .module import MetaPerturb
 
 
 def reference_perturb(

@@ -18,6 +18,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from fontTools.ttLib import TTFont
+from PIL import Image, ImageDraw, ImageFont
 
 FONT_DIRS = (Path("/usr/share/fonts"),)
 CANVAS = 64
@@ -155,15 +157,11 @@ def font_path(name: str) -> Path:
 
 @cache
 def _font(name: str, size: int):
-    from PIL import ImageFont
-
     return ImageFont.truetype(str(font_path(name)), size)
 
 
 def _check_coverage(name: str, codepoints: tuple[int, ...]) -> None:
     """Every class must be a real glyph of the font, not its 'missing glyph' box."""
-    from fontTools.ttLib import TTFont
-
     cmap = TTFont(str(font_path(name)), lazy=True).getBestCmap()
     missing = [f"U+{c:04X}" for c in codepoints if c not in cmap]
     if missing:
@@ -173,8 +171,6 @@ def _check_coverage(name: str, codepoints: tuple[int, ...]) -> None:
 def render(char: str, font: str, rng: np.random.Generator) -> np.ndarray:
     """One letter, white on black, CANVAS x CANVAS uint8: centred by its ink, then scaled (its larger side 0.6-0.85 of
     the canvas), turned (±12°), sheared (±0.25) and moved (±4 px) at random."""
-    from PIL import Image, ImageDraw
-
     face = _font(font, CANVAS)
     canvas = Image.new("L", (2 * CANVAS, 2 * CANVAS))
     ImageDraw.Draw(canvas).text((CANVAS // 2, CANVAS // 2), char, fill=255, font=face)
