@@ -480,3 +480,12 @@ def test_every_regularizer_attaches_and_removes_the_same_way(name, phi):
     assert list(model.state_dict()) == plain_keys and torch.equal(model(x), plain)
     with pytest.raises(ValueError, match=f'add_regularizer\\(model, "{name}"\\)'):
         tm.get_regularizer(model, name)
+
+
+def test_probing_a_network_leaves_the_random_state(phi):
+    """Attaching runs the network once on a dummy batch; with φ already attached and sampling, that pass must not
+    change what a seeded run draws next."""
+    model = inject_metaperturb(timm.create_model("resnet20"), phi)
+    state = torch.get_rng_state()
+    tm.add_regularizer(model, "dropblock")
+    assert torch.equal(torch.get_rng_state(), state)

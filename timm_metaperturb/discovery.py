@@ -351,8 +351,8 @@ def _probe(model: nn.Module, scopes: list[Scope], input_size: tuple[int, ...]) -
     flags = {m: m.training for m in model.modules()}
     x = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     model.eval()
-    try:
-        with torch.no_grad():
+    try:  # the random state as it was: a probe must not change what a seeded run draws next (φ may be attached)
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model(x)
     except Exception as e:
         raise ValueError(
