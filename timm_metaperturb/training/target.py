@@ -27,7 +27,14 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from ..injection import ATTRIBUTE, annealed_strength, eval_noise_as, get_injection, set_eval_noise
+from ..injection import (
+    ATTRIBUTE,
+    MetaPerturbInjection,
+    annealed_strength,
+    eval_noise_as,
+    get_injection,
+    set_eval_noise,
+)
 from ..recalibration import recalibrate_batchnorm
 from ..regularizers import REGULARIZERS, add_regularizer, get_regularizer
 from ..sites import SiteModule
@@ -223,7 +230,7 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
 
 def base_state_dict(model: nn.Module, attached: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The network's own weights, without what the methods attached (so any method can fine-tune from them)."""
-    prefixes = tuple(f"{ATTRIBUTE if m == 'metaperturb' else m}." for m in attached)
+    prefixes = tuple(f"{name}." for name in attached)  # each is registered under its own name
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
@@ -320,7 +327,7 @@ def evaluate_modes(
     expectation, "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
     `recalibrate_batchnorm`); keys "sample-N", "mean", "mean-bn". Without it (baselines): "final" and, for
     "mean-bn", "final-bn" (the deterministic pass after the same re-estimation). The model is left as it was."""
-    phi = isinstance(getattr(model, ATTRIBUTE, None), SiteModule)
+    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
     if "mean-bn" in modes and train is None:
         raise ValueError("the 'mean-bn' evaluation needs the training images")
     results, total = {}, None
