@@ -102,7 +102,7 @@ def test_channels_last_computes_the_same_network(tmp_path, phi_dir):
     runs = [train_target(TargetConfig(**{**TINY, "phi": phi_dir, "channels_last": layout, "output": str(tmp_path / n)}))
             for n, layout in (("nchw", False), ("nhwc", True))]  # fmt: skip
     assert runs[1]["final"]["train_loss"] == pytest.approx(runs[0]["final"]["train_loss"], rel=1e-3)
-    weights = [timm_state(tmp_path / n / "network.safetensors") for n in ("nchw", "nhwc")]
+    weights = [timm_state(tmp_path / n / "model.safetensors") for n in ("nchw", "nhwc")]
     assert weights[0].keys() == weights[1].keys()
 
 
@@ -178,7 +178,7 @@ def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
     assert len(saved["scales"]) == 4 and all(0 < s < 1 for v in saved["scales"].values() for s in v)
     for name in ("convergence.png", "reliability.png", "scales.png"):
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
-    assert not any(k.startswith("metaperturb.") for k in timm_state(tmp_path / "run" / "network.safetensors"))
+    assert not any(k.startswith("metaperturb.") for k in timm_state(tmp_path / "run" / "model.safetensors"))
 
 
 def test_final_evaluation_modes(tmp_path, phi_dir):
@@ -189,6 +189,7 @@ def test_final_evaluation_modes(tmp_path, phi_dir):
     assert set(run["evaluations"]) == {"sample-1", "sample-3", "mean", "mean-bn"}
     train, test = prepare_data(cfg)
     model, _ = build_model(cfg, len(train.class_names))
+    set_perturb_strength(model, 1.0)  # as at the end of training (the schedule starts at 0)
     model.train()(torch.randn(32, 3, 16, 16) * 3)  # batch-norm statistics that the recalibration will replace
     before, mode = {k: v.clone() for k, v in model.state_dict().items()}, get_injection(model).mode.eval_noise
     aug = Augmentation(cfg.crop_padding, cfg.hflip)
@@ -283,14 +284,16 @@ def timm_state(path):
 def test_fine_tuning_loads_all_but_a_new_classifier(tmp_path):
     source = train_target(TargetConfig(**{**TINY, "method": "base", "output": str(tmp_path / "source")}))
     assert source["final"]["passes"] == 1
-    weights = str(tmp_path / "source" / "network.safetensors")
-    model, _ = build_model(TargetConfig(**{**TINY, "method": "base", "init_from": weights}), num_classes=5)
-    state = timm_state(weights)
+    folder = str(tmp_path / "source")  # the run's output folder, as a path or as timm's local-dir:
+    model, _ = build_model(TargetConfig(**{**TINY, "method": "base", "init_from": folder}), num_classes=5)
+    state = timm_state(tmp_path / "source" / "model.safetensors")
+    again, _ = build_model(TargetConfig(**{**TINY, "method": "metaperturb", "init_from": f"local-dir:{folder}"}), 5)
+    assert torch.equal(again.blocks[0].conv.weight, state["blocks.0.conv.weight"])
     assert torch.equal(model.blocks[0].conv.weight, state["blocks.0.conv.weight"])
     assert model.fc.weight.shape == (5, 64)
     mis_shaped = r"does not fit.*mis-shaped: blocks\.1\.conv\.weight: \(64, 64, 3, 3\) \(expected \(128, 64, 3, 3\)\)"
     with pytest.raises(ValueError, match=mis_shaped):
-        build_model(TargetConfig(**{**TINY, "method": "base", "model": "vgg9", "init_from": weights}), 10)
+        build_model(TargetConfig(**{**TINY, "method": "base", "model": "vgg9", "init_from": folder}), 10)
 
 
 @pytest.mark.parametrize(
@@ -364,7 +367,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_network(tmp_path, phi_dir):
     assert "resuming from" in resumed.stdout and not checkpoint.parent.exists(), "the checkpoint is removed once done"
     runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("whole", "cut")]
     assert runs[0]["history"] == runs[1]["history"] and runs[0]["final"] == runs[1]["final"]
-    whole, cut_state = (timm_state(tmp_path / name / "network.safetensors") for name in ("whole", "cut"))
+    whole, cut_state = (timm_state(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut_state[k]) for k in whole)
 
 

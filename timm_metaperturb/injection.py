@@ -43,11 +43,27 @@ class MetaPerturbInjection(SiteModule):
         self.sites = nn.ModuleDict({s.key: SiteStatistics(s.channels, phi.h_dim) for s in sites})
         self.strength = strength
         self.anneal = anneal
+        # the evaluation noise, in the state so that a saved network keeps its evaluation (see `mode`)
+        self.register_buffer("eval_noise_mean", torch.tensor(False))
         self.mode = RunMode()
         self.heights: dict[str, int] = {}  # each site's latest feature-map height, for `scales`
+        self.register_load_state_dict_post_hook(MetaPerturbInjection._eval_noise_from_state)
 
-    def set_progress(self, step: int, steps: int) -> None:
-        self.strength = annealed_strength(step, steps, self.anneal)
+    @property
+    def mode(self) -> RunMode:
+        """How φ runs for this network; its evaluation noise is also kept in the state (`eval_noise_mean`)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: RunMode) -> None:
+        self._mode = mode
+        self.eval_noise_mean.fill_(mode.eval_noise == "mean")
+
+    def _eval_noise_from_state(self, incompatible_keys) -> None:
+        self._mode = replace(self._mode, eval_noise="mean" if bool(self.eval_noise_mean) else "sample")
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.strength = annealed_strength(step, total_steps, self.anneal)
 
     def perturb(self, site: Site, h):
         self.heights[site.key] = h.shape[-2]
@@ -64,7 +80,8 @@ class MetaPerturbInjection(SiteModule):
         }
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength}, sites={len(self.site_list)}, eval_noise={self.mode.eval_noise}"
+        schedule = f", step={self._steps_taken}/{self.total_steps}" if self.total_steps else ""
+        return f"strength={self.strength}{schedule}, sites={len(self.site_list)}, eval_noise={self.mode.eval_noise}"
 
 
 def inject_metaperturb(
@@ -75,6 +92,7 @@ def inject_metaperturb(
     placement: str = "pre_activation",
     input_size: tuple[int, int, int] | None = None,
     strength: float = 1.0,
+    total_steps: int | None = None,
     anneal: float = ANNEAL,
     train_phi: bool = False,
 ) -> nn.Module:
@@ -89,9 +107,12 @@ def inject_metaperturb(
         placement: "pre_activation" (before each block's closing activation when it has one, else at its
             output; the authors' placement) or "output" (always at the block's output).
         input_size: (C, H, W) of the dummy batch that probes the network; defaults to the timm config's.
-        strength: the annealing coefficient k in [0, 1]; change it later with `set_perturb_strength`.
-        anneal: the fraction of training over which a loop that reports its progress (`set_progress`) raises k
-            from 0 to 1.
+        strength: a fixed annealing coefficient k in [0, 1] (without `total_steps`); change it later with
+            `set_perturb_strength`.
+        total_steps: the length of training in optimizer steps: k then follows the paper's schedule by itself,
+            rising from 0 to 1 over the first `anneal` of them, counted from the optimizer's steps (see
+            `timm_metaperturb.schedule`), so the training loop needs no call.
+        anneal: the fraction of `total_steps` over which k rises from 0 to 1.
         train_phi: leave φ's parameters trainable (meta-training); by default they are frozen.
     """
     if not isinstance(model, nn.Module):
@@ -99,10 +120,15 @@ def inject_metaperturb(
     if isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection):
         raise ValueError("this model already has MetaPerturb; call remove_metaperturb(model) before injecting again")
     _check_strength(strength)
+    if total_steps is not None and strength != 1.0:
+        raise ValueError("pass either a fixed strength or total_steps (a schedule that sets the strength), not both")
     phi = load_phi(phi)
     sites = discover_sites(model, blocks=blocks, placement=placement, input_size=input_size)
     phi.requires_grad_(train_phi)
-    return attach(model, MetaPerturbInjection(phi, sites, strength, anneal), ATTRIBUTE)
+    injection = MetaPerturbInjection(phi, sites, strength, anneal)
+    injection.placement = placement  # for save_pretrained
+    injection.schedule(total_steps)
+    return attach(model, injection, ATTRIBUTE)
 
 
 def get_injection(model: nn.Module) -> MetaPerturbInjection:
@@ -133,10 +159,23 @@ def set_eval_noise(model: nn.Module, mode: str, recalibrate: Iterable[torch.Tens
         recalibrate_batchnorm(model, recalibrate)
 
 
+def finalize_for_inference(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Put a network trained with MetaPerturb in its default evaluation for good, and return it in eval mode: φ's
+    noise replaced by its expectation (one deterministic pass) and batch norm's statistics re-estimated in that mode
+    on `batches` (preprocessed training inputs without augmentation, as for `recalibrate_batchnorm`). Both are kept
+    in the model's state, so after saving and loading, `model.eval()` gives the same predictions with no data and
+    no further call."""
+    set_eval_noise(model, "mean", recalibrate=batches)
+    return model.eval()
+
+
 def set_perturb_strength(model: nn.Module, strength: float) -> None:
-    """Set the annealing coefficient k of every site of `model` at once."""
+    """Fix the annealing coefficient k of every site of `model` at once. It stays fixed: a schedule given by
+    `total_steps` no longer moves it (`get_injection(model).schedule(total_steps)` hands it back)."""
     _check_strength(strength)
-    get_injection(model).strength = float(strength)
+    injection = get_injection(model)
+    injection.schedule(None)
+    injection.strength = float(strength)
 
 
 @contextmanager

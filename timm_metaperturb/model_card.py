@@ -1,4 +1,5 @@
-"""The model card (README.md) of a φ: Hub metadata, what φ is, how it was made, how it transfers, how to use it.
+"""Model cards (README.md): `phi_model_card` for a φ (Hub metadata, what φ is, how it was made, how it transfers,
+how to use it) and `network_model_card` for a network trained with it.
 
 What the card says of a φ's origin comes from `phi.provenance`, a JSON-able dict saved in config.json:
 `title`, `origin`, `source_dataset`, `dataset_id` (a Hub dataset id, for the metadata), `source_classes`,
@@ -110,3 +111,69 @@ print(len(tm.get_injection(model).site_list), "sites")
 def _cell(value) -> str:
     text = str(value)
     return f"`{text}`" if "--" in text or text.startswith(("python", "accelerate")) else text
+
+
+def network_model_card(model, source: str, run: dict | None = None) -> str:
+    """The card of a trained network saved by `save_pretrained`, loadable from `source` (`local-dir:...` or
+    `hf-hub:...`); `run` is train/target.py's run.json, for the dataset, the method, the metrics and the command."""
+    from .pretrained import phi_sha256
+
+    architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
+    injection = getattr(model, "metaperturb", None)
+    data = ModelCardData(library_name="timm", tags=["image-classification", "timm", "metaperturb"])
+    registered = " (after `import timm_metaperturb`, which registers it)." if _registered_here(architecture) else "."
+    lines = [f"# {architecture} trained with {'MetaPerturb' if injection is not None else 'timm-metaperturb'}", ""]
+    if run is not None:
+        config, final = run["config"], run["final"]
+        lines += [
+            f"Trained on `{config['dataset']}` ({run['data']['train']} training images, {len(run['data']['classes'])} "
+            f"classes) with {' + '.join(run['methods'])}, {config['steps']} steps.",
+            "",
+            "| test images | accuracy (%) | NLL | ECE (%) | evaluation |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {run['data']['test']} | {final['accuracy']:.2f} | {final['nll']:.3f} | {final['ece']:.2f} | "
+            f"{_evaluation(config, run)} |",
+            "",
+        ]
+        lines += [f"Command: `{run['command']}`", ""] if run.get("command") else []
+    if injection is not None:
+        phi = injection.phi
+        lines += [
+            f"φ: {phi.provenance.get('title', 'MetaPerturb φ')}, SHA-256 `{phi_sha256(phi)}`; "
+            f"{len(injection.site_list)} sites; evaluation noise: {injection.mode.eval_noise}.",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import timm_metaperturb as tm",
+        "",
+        f'model = tm.create_model("{source}", pretrained=True)  # φ attached as saved; model.eval() to predict',
+        "```",
+        "",
+        f'Plain timm loads the network without φ: `timm.create_model("{source}", pretrained=True)`{registered}',
+        "",
+        "## Files",
+        "",
+        "- `config.json`, `model.safetensors`: the network in timm's format.",
+    ]
+    if injection is not None:
+        lines.append("- `metaperturb.safetensors`, `metaperturb_config.json`: φ, its sites' statistics and settings.")
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines)
+
+
+def _evaluation(config: dict, run: dict) -> str:
+    if "metaperturb" not in run["methods"]:
+        return "one pass"
+    if config.get("eval_noise") == "mean":
+        return "one deterministic pass, batch norm re-estimated"
+    return f"{run['final']['passes']} sampled passes"
+
+
+def _registered_here(architecture: str) -> bool:
+    """Whether this package, not timm, registers `architecture` (resnet20, conv4, ...)."""
+    from timm.models import is_model, model_entrypoint
+
+    return is_model(architecture) and model_entrypoint(architecture).__module__.startswith(__package__)

@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 from .discovery import Site
+from .schedule import Scheduled, WatchNetwork
 
 
-class SiteModule(nn.Module):
-    """Base of what is applied at sites. Subclasses implement `perturb(site, h)`, h a (B, C, H, W) map.
+class SiteModule(Scheduled):
+    """Base of what is applied at sites. Subclasses implement `perturb(site, h)`, h a (B, C, H, W) map, and
+    optionally `set_progress(step, total_steps)` for a schedule, which follows the network's optimizer steps
+    (`schedule.py`).
 
     Its forward passes its input through unchanged, so that an nn.Sequential network, which runs every child
     in turn, keeps computing what it computed before (an attached module comes last). A checkpoint of the
@@ -39,9 +42,6 @@ class SiteModule(nn.Module):
         raise NotImplementedError
 
     # -- the training loop's protocol: every part optional, so a loop needs no method names ---------------------
-
-    def set_progress(self, step: int, steps: int) -> None:
-        """Before each training step: where training stands (`step` of `steps`), for a schedule."""
 
     def transform_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The training batch's input before the forward (a mixing method plans and mixes here)."""
@@ -112,7 +112,7 @@ class _StartPass:
         self.counter.calls = 0
 
 
-HOOK_TYPES = (_PerturbOutput, _PerturbInput, _StartPass)
+HOOK_TYPES = (_PerturbOutput, _PerturbInput, _StartPass, WatchNetwork)
 
 
 def attach(model: nn.Module, owner: SiteModule, attribute: str) -> nn.Module:
@@ -125,6 +125,8 @@ def attach(model: nn.Module, owner: SiteModule, attribute: str) -> nn.Module:
     if param is not None:
         owner.to(param.device)
     model.add_module(attribute, owner)
+    owner.watch(model)
+    model.register_forward_pre_hook(WatchNetwork(owner))
     modules = dict(model.named_modules())
     for site in owner.site_list:
         target = modules[site.target]

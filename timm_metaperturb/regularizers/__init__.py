@@ -41,15 +41,20 @@ def add_regularizer(
     blocks: BlocksSpec = None,
     placement: str = "pre_activation",
     input_size: tuple[int, int, int] | None = None,
+    total_steps: int | None = None,
     **options,
 ) -> nn.Module:
     """Attach the regularizer `name` at the sites MetaPerturb would use, registered as `model.<name>`; return the
-    model. `add_regularizer(model, "metaperturb", phi=...)` is `inject_metaperturb(model, phi=...)`."""
+    model. With `total_steps` (the length of training in optimizer steps) its schedule, if it has one, follows the
+    optimizer's steps by itself (`schedule.py`). `add_regularizer(model, "metaperturb", phi=...)` is
+    `inject_metaperturb(model, phi=...)`."""
     _check_name(name)
+    sites_of = {"blocks": blocks, "placement": placement, "input_size": input_size}
     if name == ATTRIBUTE:
-        return inject_metaperturb(model, blocks=blocks, placement=placement, input_size=input_size, **options)
-    sites = discover_sites(model, blocks=blocks, placement=placement, input_size=input_size)
-    return attach(model, REGULARIZERS[name](sites, **options), name)
+        return inject_metaperturb(model, total_steps=total_steps, **sites_of, **options)
+    owner = REGULARIZERS[name](discover_sites(model, **sites_of), **options)
+    owner.schedule(total_steps)
+    return attach(model, owner, name)
 
 
 def get_regularizer(model: nn.Module, name: str) -> SiteModule:

@@ -22,8 +22,8 @@ class DropBlock(SiteModule):
         self.drop_prob, self.strength = drop_prob, 1.0
         self.drop = DropBlock2d(drop_prob=drop_prob, block_size=block_size)
 
-    def set_progress(self, step: int, steps: int) -> None:
-        self.strength = step / steps
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.strength = min(1.0, step / total_steps)
 
     def perturb(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         self.drop.drop_prob = self.drop_prob * self.strength

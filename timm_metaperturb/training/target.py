@@ -21,7 +21,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -32,9 +32,12 @@ from ..injection import (
     MetaPerturbInjection,
     annealed_strength,
     eval_noise_as,
+    finalize_for_inference,
     get_injection,
     set_eval_noise,
 )
+from ..model_card import network_model_card
+from ..pretrained import network_weights_file, save_pretrained
 from ..recalibration import recalibrate_batchnorm
 from ..regularizers import REGULARIZERS, add_regularizer, get_regularizer
 from ..sites import SiteModule
@@ -186,10 +189,11 @@ def prepare_data(cfg: TargetConfig) -> tuple[ImageTensors, ImageTensors]:
 # -- model -----------------------------------------------------------------------------------------------------
 
 
-def load_initial_weights(model: nn.Module, path: str) -> list[str]:
-    """Fine-tuning: load a network checkpoint (safetensors, or a torch state dict of tensors); a classifier of
-    another shape (other classes) is left freshly initialised. Any other mismatch is an error. Returns the
-    keys left out."""
+def load_initial_weights(model: nn.Module, source: str) -> list[str]:
+    """Fine-tuning: load a network checkpoint (a folder save_pretrained wrote, as a path, `local-dir:` or `hf-hub:`;
+    a safetensors file; a torch state dict of tensors); a classifier of another shape (other classes) is left
+    freshly initialised. Any other mismatch is an error. Returns the keys left out."""
+    path = network_weights_file(source)
     if path.endswith(".safetensors"):
         state = load_file(path)
     else:
@@ -200,7 +204,7 @@ def load_initial_weights(model: nn.Module, path: str) -> list[str]:
     skipped = [k for k in own if k.startswith(head + ".") and k in state and state[k].shape != own[k].shape]
     kept = {k: v for k, v in state.items() if k not in skipped}
     if report := mismatch_report({k: v for k, v in own.items() if k not in skipped}, kept):
-        raise ValueError(f"--init-from {path} does not fit {type(model).__name__} ({report})")
+        raise ValueError(f"--init-from {source} does not fit {type(model).__name__} ({report})")
     model.load_state_dict(kept, strict=False)
     return skipped
 
@@ -218,7 +222,7 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     attached: dict[str, SiteModule] = {}
     for method in methods:
         options = {arg: getattr(cfg, field) for arg, field in REGULARIZERS[method].CONFIG_FIELDS.items()}
-        add_regularizer(model, method, placement=cfg.placement, input_size=size, **options)
+        add_regularizer(model, method, placement=cfg.placement, input_size=size, total_steps=cfg.steps, **options)
         attached[method] = get_regularizer(model, method)
     if ATTRIBUTE in attached:
         injection = attached[ATTRIBUTE]
@@ -228,10 +232,11 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     return model, attached
 
 
-def base_state_dict(model: nn.Module, attached: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The network's own weights, without what the methods attached (so any method can fine-tune from them)."""
-    prefixes = tuple(f"{name}." for name in attached)  # each is registered under its own name
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+def data_config(cfg: TargetConfig, aug: Augmentation) -> dict:
+    """The preprocessing the network was trained with, for its pretrained_cfg: every image squashed to the square
+    image size (bilinear, antialiased), scaled to [0, 1] and normalised with `aug`'s mean and std."""
+    return {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "squash", "mean": (aug.mean,) * 3, "std": (aug.std,) * 3}  # fmt: skip
 
 
 # -- training and evaluation -----------------------------------------------------------------------------------
@@ -375,7 +380,8 @@ def restore_training_state(
 
 
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
-    """Train and evaluate one run; write run.json, network.safetensors and plots to `cfg.output_dir()`."""
+    """Train and evaluate one run; write run.json, the network in timm's format (`save_pretrained`: config.json,
+    model.safetensors, MetaPerturb's files, a model card) and plots to `cfg.output_dir()`."""
     started = time.time()
     if torch.device(cfg.device).type == "cpu":
         keep_freed_memory()
@@ -412,9 +418,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
     elif cfg.resume:
         print(f"no checkpoint in {output}: starting at step 0")
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
-    for step in bar:
-        for owner in attached.values():
-            owner.set_progress(step, cfg.steps)
+    for step in bar:  # the methods' schedules follow the optimizer's steps (`schedule.py`)
         strengths.append(annealed_strength(step, cfg.steps, cfg.anneal))
         model.train()
         idx = sampler.next()
@@ -445,26 +449,10 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
                 "elapsed": elapsed + time.time() - started,
             })  # fmt: skip
     passes = cfg.final_passes if stochastic else 1
-    probs = test_proba(passes)
-    final = {
-        "step": cfg.steps,
-        "train_loss": loss.item(),
-        "passes": passes,
-        **classification_metrics(probs, test.labels),
-    }
-    history.append(final)
-    run = {
-        "config": asdict(cfg),
-        "command": command,
-        "data": {"train": len(train), "test": len(test), "classes": train.class_names},
-        "methods": methods or ["base"],
-        "history": history,
-        "final": final,
-        "reliability": {k: v.tolist() for k, v in reliability_bins(probs, test.labels).items()},
-        "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
-        "wall_time_s": elapsed + time.time() - started,
-    }
-    if final_modes:
+    probs = None if recalibrated else test_proba(passes)
+    run = {"config": asdict(cfg), "command": command, "methods": methods or ["base"],
+           "data": {"train": len(train), "test": len(test), "classes": train.class_names}}  # fmt: skip
+    if final_modes:  # on the trained network, before it is finalized
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
@@ -473,7 +461,20 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         if warning:
             run["warnings"] = [warning]
             warnings.warn(warning, stacklevel=2)
-    save_file(base_state_dict(model, attached), str(output / "network.safetensors"))
+    if recalibrated:  # the network kept is the one evaluated: deterministic, batch norm re-estimated for good
+        finalize_for_inference(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
+        probs = predict_proba(model, test.images, aug)
+    final = {"step": cfg.steps, "train_loss": loss.item(), "passes": passes,
+             **classification_metrics(probs, test.labels)}  # fmt: skip
+    history.append(final)
+    run.update({
+        "history": history, "final": final,
+        "reliability": {k: v.tolist() for k, v in reliability_bins(probs, test.labels).items()},
+        "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
+        "wall_time_s": elapsed + time.time() - started,
+    })  # fmt: skip
+    card = network_model_card(model, f"local-dir:{output}", run)
+    save_pretrained(model, output, data_config=data_config(cfg, aug), card=card)
     (output / "run.json").write_text(json.dumps(run, indent=1))
     shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: run.json and the network replace it
     if cfg.plots:
