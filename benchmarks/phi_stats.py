@@ -30,7 +30,7 @@ from train.target import parse_args
 
 PHIS = Path(__file__).with_name("phis")
 SPREADS = ("a_std", "z_mean", "z_cv", "s_std")  # per site, averaged over sites
-NETWORK = run_dir(RUNS / "cpu", ABLATION_CELL, "base", 0) / "network.safetensors"
+NETWORK = run_dir(RUNS / "cpu", ABLATION_CELL, "base", 0) / "model.safetensors"
 
 
 def site_inputs(network: Path, images: int) -> list[torch.Tensor]:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     if not args.network.is_file():
         sys.exit(
             f"no trained network at {args.network}: run `python -m benchmarks.transfer --ablation --quick --rows "
-            "base` first (it writes the base run's network.safetensors), or pass --network"
+            "base` first (it writes the base run's model.safetensors), or pass --network"
         )
     others = dict(item.split("=", 1) for item in args.phi) if args.phi else default_phis()
     phis: dict[str, str | None] = {"shipped": None, **others}

@@ -92,6 +92,17 @@ def test_hub_download_gives_the_local_folders_network(trained_run, hub_server, h
     local = run_python([f"-c{EVALUATE}", f"local-dir:{folder}", folder])
     assert result.stdout.splitlines()[-1] == local.stdout.splitlines()[-1]
     assert any(METAPERTURB_WEIGHTS in path for _, path in hub_server.requests)
+    fine_tune = f"""
+import timm, torch, timm_metaperturb
+from safetensors.torch import load_file
+from timm_metaperturb.training.target import load_initial_weights
+model = timm.create_model("conv4", num_classes=5)
+print(load_initial_weights(model, "hf-hub:some-user/digits-conv4"))
+print(torch.equal(model.blocks[0].conv.weight, load_file("{folder / "model.safetensors"}")["blocks.0.conv.weight"]))
+"""
+    result = run_python(fine_tune, hub_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["['fc.weight', 'fc.bias']", "True"], "all but the new classifier"
 
 
 def _copy(folder, tmp_path, name):
@@ -140,3 +151,16 @@ def test_folders_that_do_not_fit_fail_with_what_to_do(trained_run, tmp_path, phi
 
     with pytest.raises(TypeError, match="needs a timm model"):
         tm.save_pretrained(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), tmp_path / "not_timm")
+
+
+def test_publish_dry_run_writes_the_folder_the_hub_would_serve(trained_run, tmp_path):
+    folder, run = trained_run
+    dry = run_python(["hub/publish.py", folder, "--repo-id", "some-user/digits-conv4", "--dry-run", tmp_path / "up"])
+    assert dry.returncode == 0, dry.stderr
+    names = sorted(p.name for p in (tmp_path / "up").iterdir())
+    assert names == sorted(["README.md", "config.json", METAPERTURB_CONFIG, METAPERTURB_WEIGHTS, "model.safetensors"])
+    for name in ("model.safetensors", METAPERTURB_WEIGHTS):
+        assert load_file(tmp_path / "up" / name).keys() == load_file(folder / name).keys()
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert 'tm.create_model("hf-hub:some-user/digits-conv4", pretrained=True)' in card
+    assert f"{run['final']['accuracy']:.2f}" in card

@@ -159,7 +159,7 @@ def test_plain_loop_without_schedule_calls_trains_the_same_network_as_target(tmp
                        plots=False, output=str(tmp_path / "run"))  # fmt: skip
     train_target(cfg)
     target_weights = dict(timm.create_model("conv4", num_classes=10).named_parameters())
-    saved = load_file(str(tmp_path / "run" / "network.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
 
     def plain_loop(fixed: bool) -> dict[str, torch.Tensor]:
         train, _ = prepare_data(cfg)

@@ -87,12 +87,12 @@ pip install timm-metaperturb
 import timm_metaperturb as tm
 
 # the paper's ResNet-20 (any timm CNN works) {which}
-model = tm.create_model("resnet20", num_classes=10, metaperturb=True{load})
+model = tm.create_model("resnet20", num_classes=10, metaperturb=True{load}, total_steps=10_000)
 print(len(tm.get_injection(model).site_list), "sites")
 ```
 
-φ stays frozen: train the network as usual, annealing the perturbation strength with
-`tm.set_perturb_strength(model, k)` from 0 to 1 over the first 40% of the steps.
+φ stays frozen: train the network as usual. With `total_steps`, the length of training in optimizer steps, the
+perturbation strength rises from 0 to 1 over the first 40% of them by itself.
 
 ## Files
 

@@ -1,5 +1,7 @@
 """Train one network on a target dataset with MetaPerturb or a baseline regularizer, and evaluate it
-(accuracy, NLL, ECE), writing run.json, network.safetensors and plots to --output.
+(accuracy, NLL, ECE), writing run.json, plots and the network in timm's format (config.json, model.safetensors,
+MetaPerturb's files, a model card; reload it with timm_metaperturb.create_model("local-dir:OUTPUT", pretrained=True))
+to --output.
 
 With no arguments it runs the embedded default job: ResNet-20 with MetaPerturb (the shipped φ) on
 scikit-learn's digits at 32x32, 20 training images per class and the other 1,597 images as the test set, 400 steps:
@@ -10,9 +12,9 @@ With --dataset, the run starts from the reference recipe (10,000 steps) instead,
 100 images per class and DropBlock:
     python train/target.py --dataset fashion_mnist --classes 5-9 --max-per-class 100 --method dropblock
 Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination joined by '+';
---init-from CHECKPOINT fine-tunes from a network.safetensors of an earlier run (the classifier is re-initialised
-when the classes differ). A long run that may be cut off: --checkpoint-every 500, and after the cut the same
-command with --resume.
+--init-from FOLDER fine-tunes from an earlier run's output folder, a hf-hub:REPO of one, or a checkpoint file (the
+classifier is re-initialised when the classes differ). A long run that may be cut off: --checkpoint-every 500, and
+after the cut the same command with --resume.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ HELP = {
     "method": "base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination a+b",
     "phi": "φ for metaperturb: a folder, .safetensors file, Hub repo id, or the name of another φ the package "
     "ships (timm_metaperturb.packaged_phis()) (default: the shipped φ)",
-    "init_from": "fine-tune from this network checkpoint (network.safetensors of an earlier run)",
+    "init_from": "fine-tune from this network: an earlier run's output folder, hf-hub:REPO, or a checkpoint file",
     "milestones": "fractions of the steps where the learning rate is multiplied by --gamma",
     "anneal": "MetaPerturb's strength k rises linearly to 1 over this fraction of the steps",
     "eval_passes": "Monte-Carlo passes of stochastic methods at intermediate evaluations",
@@ -54,7 +56,7 @@ HELP = {
     "checkpoint_every": "save the training state to OUTPUT/checkpoint.pt every N steps (0: never); removed when the "
     "run completes",
     "resume": "continue from OUTPUT/checkpoint.pt where there is one (the same network as an uninterrupted run)",
-    "output": "the folder for run.json, network.safetensors and plots (default: outputs/<dataset>-<method>)",
+    "output": "the folder for run.json, plots and the network (default: outputs/<dataset>-<method>)",
 }
 
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(args)
     run = train_target(cfg, command="python train/target.py " + shlex.join(args))
     print(results_table([run]))
-    print(f"\nrun.json, network.safetensors and plots in {cfg.output_dir()}")
+    print(f"\nrun.json, plots and the network (timm's format) in {cfg.output_dir()}")
     return run
 
 

@@ -258,7 +258,8 @@ class MetaPerturb(
             raise ValueError(f"MetaPerturb at site '{site}' needs a 4-D (B, C, H, W) feature map, got {tuple(h.shape)}")
         with torch.autocast(device_type=h.device.type, enabled=False):
             x = h.float()
-            fused = self._fused(x, mode)  # the fused kernels read either layout; torch operators run channels-last
+            exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()  # for exporters: torch operators
+            fused = self._fused(x, mode) and not exporting  # fused kernels read either layout; torch ops channels-last
             x = x.contiguous(memory_format=fused_ops.layout(x)) if fused else channels_last(x)
             if "scale" in mode.components:
                 mean, var = self.channel_statistics(x, stats, site, mode)
@@ -278,6 +279,12 @@ class MetaPerturb(
                     z = expected_softplus(self.noise_logits(x))
                     out = modulate(x, z, s, strength, self.clip, in_place=not z.requires_grad)
             else:
+                if exporting:
+                    raise RuntimeError(
+                        f"MetaPerturb at site '{site}' samples its noise, which an exported graph cannot do: export "
+                        "the deterministic evaluation, after timm_metaperturb.finalize_for_inference(model, batches) "
+                        "and model.eval()"
+                    )
                 cheap_draw = fused or x.device.type != "cpu"
                 redraw = noise is None and (cheap_draw if mode.redraw_noise is None else mode.redraw_noise)
                 # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch
