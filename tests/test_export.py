@@ -8,6 +8,7 @@ import timm
 import torch
 
 import timm_metaperturb as tm
+from timm_metaperturb.phi import torch_ops
 
 NETWORKS = [("resnet20", 32), ("conv4", 32), ("resnet18", 64)]  # the paper's two and a timm family
 
@@ -27,9 +28,12 @@ def test_onnx_runtime_computes_what_pytorch_computes(name, size, tmp_path):
     x = torch.randn(8, 3, size, size)
     with torch.no_grad():  # where φ would otherwise take its fused kernels
         expected = model(x)
+        torch_ops._expected_softplus_tables.clear()  # as in a new process: exporting is φ's first deterministic pass
         program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
         torch.onnx.export(model, (x,), tmp_path / "model.onnx", dynamo=True, dynamic_shapes={"x": {0: "batch"}})
     torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected), "exporting leaves the model as it was"
     graph = onnx.load(tmp_path / "model.onnx")
     assert {op.domain for op in graph.opset_import} == {""}, "standard ONNX operators only"
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])

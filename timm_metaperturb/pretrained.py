@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,6 @@ def push_to_hub(
     token: str | None = None,
 ) -> str:
     """`save_pretrained` into a temporary folder, then upload it to the Hub repo `repo_id` (created if missing)."""
-    import tempfile
-
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

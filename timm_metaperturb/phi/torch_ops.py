@@ -177,8 +177,10 @@ _expected_softplus_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Te
 
 def expected_softplus_table(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid on `device` in `dtype`, copied there once (a dict, not functools.cache: torch.compile warns on
-    every trace through a cache wrapper)."""
+    every trace through a cache wrapper). Not kept while exporting, whose tensors are stand-ins without values."""
     key = (device, dtype)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return tuple(t.to(device=device, dtype=dtype) for t in _EXPECTED_SOFTPLUS_GRID)
     if key not in _expected_softplus_tables:
         _expected_softplus_tables[key] = tuple(t.to(device=device, dtype=dtype) for t in _EXPECTED_SOFTPLUS_GRID)
     return _expected_softplus_tables[key]
