@@ -26,7 +26,7 @@ from typing import Any
 import timm
 import torch
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
@@ -159,7 +159,7 @@ def metaperturb_files(model_name: str) -> tuple[dict[str, Any], str] | None:
     repo_id, _, revision = location.partition("@")
     try:
         config_path = hf_hub_download(repo_id, METAPERTURB_CONFIG, revision=revision or None)
-    except EntryNotFoundError:
+    except (EntryNotFoundError, LocalEntryNotFoundError):  # a plain timm repo; or offline, where timm decides
         return None
     try:
         weights = hf_hub_download(repo_id, METAPERTURB_WEIGHTS, revision=revision or None)
