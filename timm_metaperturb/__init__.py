@@ -3,7 +3,7 @@
 Where things are:
 - `phi/`: φ itself, the 82-parameter perturbation function (`MetaPerturb`), and the code that computes it.
 - `injection.py`: put φ after every block of any CNN (`inject_metaperturb`); the blocks come from
-  `discovery.py`, the hooks from `sites.py`. `regularizers.py`: the paper's baselines, attached the same way.
+  `discovery.py`, the hooks from `sites.py`. `regularizers/`: the paper's baselines, attached the same way.
 - `factory.py`: timm's `create_model` with `metaperturb=True`; `models/`: the paper's networks, registered in timm.
 - `schedule.py`: the strength's schedule, advanced by the optimizer's steps; `pretrained.py`: a trained network
   saved and reloaded in timm's format, with φ beside it (`save_pretrained`, `push_to_hub`, `create_model`).
