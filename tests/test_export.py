@@ -36,9 +36,9 @@ def test_onnx_runtime_computes_what_pytorch_computes(name, size, tmp_path):
         assert torch.equal(model(x), expected), "exporting leaves the model as it was"
     graph = onnx.load(tmp_path / "model.onnx")
     assert {op.domain for op in graph.opset_import} == {""}, "standard ONNX operators only"
-    session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    runtime = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
     for batch in (x, x[:3]):  # the batch dimension stays free
-        (out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+        (out,) = runtime.run(None, {runtime.get_inputs()[0].name: batch.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), expected[: len(batch)], rtol=0, atol=1e-4)
 
 

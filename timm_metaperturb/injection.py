@@ -37,9 +37,17 @@ class MetaPerturbInjection(SiteModule):
 
     CONFIG_FIELDS: ClassVar[dict[str, str]] = {"phi": "phi", "anneal": "anneal"}
 
-    def __init__(self, phi: MetaPerturb, sites: list[Site], strength: float = 1.0, anneal: float = ANNEAL) -> None:
+    def __init__(
+        self,
+        phi: MetaPerturb,
+        sites: list[Site],
+        strength: float = 1.0,
+        anneal: float = ANNEAL,
+        placement: str = "pre_activation",
+    ) -> None:
         super().__init__(sites)
         self.phi = phi
+        self.placement = placement  # how the sites were found, for save_pretrained
         self.sites = nn.ModuleDict({s.key: SiteStatistics(s.channels, phi.h_dim) for s in sites})
         self.strength = strength
         self.anneal = anneal
@@ -125,8 +133,7 @@ def inject_metaperturb(
     phi = load_phi(phi)
     sites = discover_sites(model, blocks=blocks, placement=placement, input_size=input_size)
     phi.requires_grad_(train_phi)
-    injection = MetaPerturbInjection(phi, sites, strength, anneal)
-    injection.placement = placement  # for save_pretrained
+    injection = MetaPerturbInjection(phi, sites, strength, anneal, placement)
     injection.schedule(total_steps)
     return attach(model, injection, ATTRIBUTE)
 

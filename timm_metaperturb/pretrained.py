@@ -136,6 +136,13 @@ def _default_card(model: nn.Module, folder: Path) -> str:
 # -- loading -----------------------------------------------------------------------------------------------------
 
 
+def _hub_download(location: str, filename: str) -> str:
+    """`filename` of the Hub repo `REPO[@REVISION]` (timm's `hf-hub:` spelling without the prefix), from the cache
+    or downloaded."""
+    repo_id, _, revision = location.partition("@")
+    return hf_hub_download(repo_id, filename, revision=revision or None)
+
+
 def metaperturb_files(model_name: str) -> tuple[dict[str, Any], str] | None:
     """For `local-dir:FOLDER` or `hf-hub:REPO[@REVISION]`: MetaPerturb's config and the path of its weights, or
     None where the source holds a plain timm network. Other names: None."""
@@ -143,31 +150,27 @@ def metaperturb_files(model_name: str) -> tuple[dict[str, Any], str] | None:
         return None
     source, location = model_name.split(":", 1)
     if source == "local-dir":
-        folder = Path(location)
-        config_path, weights = folder / METAPERTURB_CONFIG, folder / METAPERTURB_WEIGHTS
+        config_path, weights = Path(location) / METAPERTURB_CONFIG, Path(location) / METAPERTURB_WEIGHTS
         if not config_path.is_file():
             if weights.is_file():
-                raise FileNotFoundError(f"{folder} has {METAPERTURB_WEIGHTS} but no {METAPERTURB_CONFIG}: copy it "
+                raise FileNotFoundError(f"{location} has {METAPERTURB_WEIGHTS} but no {METAPERTURB_CONFIG}: copy it "
                                         "from the folder save_pretrained wrote")  # fmt: skip
             return None
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"{folder} has {METAPERTURB_CONFIG} but no {METAPERTURB_WEIGHTS} (φ and the sites' statistics): copy "
-                "it from the folder save_pretrained wrote, or load the plain network with metaperturb=False"
-            )
-        return json.loads(config_path.read_text()), str(weights)
-    repo_id, _, revision = location.partition("@")
-    try:
-        config_path = hf_hub_download(repo_id, METAPERTURB_CONFIG, revision=revision or None)
-    except (EntryNotFoundError, LocalEntryNotFoundError):  # a plain timm repo; or offline, where timm decides
-        return None
-    try:
-        weights = hf_hub_download(repo_id, METAPERTURB_WEIGHTS, revision=revision or None)
-    except EntryNotFoundError as e:
+        weights = str(weights) if weights.is_file() else None
+    else:
+        try:
+            config_path = _hub_download(location, METAPERTURB_CONFIG)
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # a plain timm repo; or offline, where timm decides
+            return None
+        try:
+            weights = _hub_download(location, METAPERTURB_WEIGHTS)
+        except EntryNotFoundError:
+            weights = None
+    if weights is None:
         raise FileNotFoundError(
-            f"the Hub repo {repo_id} has {METAPERTURB_CONFIG} but no {METAPERTURB_WEIGHTS} (φ and the sites' "
-            "statistics): upload the whole folder save_pretrained wrote"
-        ) from e
+            f"{model_name} has {METAPERTURB_CONFIG} but no {METAPERTURB_WEIGHTS} (φ and the sites' statistics): copy "
+            "or upload the whole folder save_pretrained wrote, or load the plain network with metaperturb=False"
+        )
     return json.loads(Path(config_path).read_text()), weights
 
 
@@ -175,8 +178,7 @@ def network_weights_file(source: str) -> str:
     """The weights file of `source`: a checkpoint file itself, or the `model.safetensors` of a folder
     save_pretrained wrote, given as a path, `local-dir:FOLDER` or `hf-hub:REPO[@REVISION]`."""
     if source.startswith("hf-hub:"):
-        repo_id, _, revision = source[len("hf-hub:") :].partition("@")
-        return hf_hub_download(repo_id, NETWORK_WEIGHTS, revision=revision or None)
+        return _hub_download(source.removeprefix("hf-hub:"), NETWORK_WEIGHTS)
     path = Path(source.removeprefix("local-dir:"))
     if path.is_dir():
         if not (path / NETWORK_WEIGHTS).is_file():
