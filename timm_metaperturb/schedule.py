@@ -19,10 +19,24 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _scheduled: weakref.WeakSet[Scheduled] = weakref.WeakSet()  # every live Scheduled module, copies included
 _optimizer_hook = None
+_registrations = 0  # parameters and submodules registered on any module so far: a network may have changed
+
+
+def _count_registration(*args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+register_module_parameter_registration_hook(_count_registration)
+register_module_module_registration_hook(_count_registration)
 
 
 class Scheduled(nn.Module):
@@ -35,6 +49,7 @@ class Scheduled(nn.Module):
         self.total_steps: int | None = None
         self._steps_taken = 0  # the buffer's value, read without a device synchronisation
         self._network_params: list[nn.Parameter] = []  # a plain list: copies and pickles map it to their own
+        self._watched_at = -1  # `_registrations` when `_network_params` was taken
         self.register_load_state_dict_post_hook(Scheduled._after_load)
         _register(self)
 
@@ -46,6 +61,7 @@ class Scheduled(nn.Module):
         """Count the steps of the optimizers that update `network`'s parameters (other than this module's)."""
         own = {id(p) for p in self.parameters()}
         self._network_params = [p for p in network.parameters() if id(p) not in own]
+        self._watched_at = _registrations
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Where training stands (`step` of `total_steps`), before each training step."""
@@ -75,16 +91,18 @@ class Scheduled(nn.Module):
 
 
 class WatchNetwork:
-    """Forward pre-hook on the network: a training forward refreshes which parameters are the network's, so that
-    a classifier replaced after attaching counts too. Skipped inside torch.compile, where it would break the graph
-    (the parameters known from attaching, or the last eager forward, count)."""
+    """Forward pre-hook on the network: a training forward after any module registered a parameter or submodule
+    refreshes which parameters are the network's, so that a classifier replaced after attaching counts too (other
+    forwards only compare a counter). Skipped inside torch.compile, where it would break the graph (the parameters
+    known from attaching, or the last eager forward, count)."""
 
     def __init__(self, owner: Scheduled) -> None:
         self.owner = owner
 
     def __call__(self, module: nn.Module, args) -> None:
-        if module.training and not torch.compiler.is_compiling():
-            self.owner.watch(module)
+        if torch.compiler.is_compiling() or not module.training or self.owner._watched_at == _registrations:
+            return
+        self.owner.watch(module)
 
 
 def _register(module: Scheduled) -> None:
