@@ -137,6 +137,33 @@ def test_extra_sources_make_tasks_of_their_own(tmp_path, images):
     assert f"{images} + digits + {images}" in (tmp_path / "out" / "phi" / "README.md").read_text()
 
 
+def test_val_split_validates_each_task_on_the_other_split(tmp_path):
+    from accelerate import Accelerator
+
+    from timm_metaperturb.training.meta import meta_train, source_tasks
+    from train.meta import parse_args
+
+    root = tmp_path / "splits"
+    make_image_folder(root / "train")
+    make_image_folder(root / "test", per_class=10, seed=1)
+    flags = ["--dataset", str(root), *TINY, "--steps", "1"]
+    _, own_halves = source_tasks(parse_args(flags))
+    cfg = parse_args([*flags, "--val-split", "test", "--output", str(tmp_path / "out")])
+    data, tasks = source_tasks(cfg)
+    for t, half in zip(tasks, own_halves, strict=True):
+        assert torch.equal(t.train, half.train), "the training images stay the task's own"
+        assert t.val.min() >= 4 * 24, "validation images come from the test split only"
+        assert len(t.val) == 10 * len(t.classes), "all of them"
+        assert set(data.labels[t.val].tolist()) == set(t.classes)
+    meta_train(cfg, Accelerator(cpu=True))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["config"]["val_split"] == "test" and run["tasks"][0]["val"] == 20
+
+    short = parse_args([*flags, "--val-split", "test", "--batch-size", "24"])
+    with pytest.raises(ValueError, match="fewer than 24 validation images in split 'test'"):
+        source_tasks(short)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

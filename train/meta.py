@@ -28,6 +28,8 @@ from timm_metaperturb.training.meta import MetaTrainConfig, meta_train
 HELP = {
     "dataset": "fashion_mnist, digits, a local image folder, or a Hugging Face Hub dataset name",
     "dataset_split": "the dataset split to meta-train on",
+    "val_split": "validate each task on this split of its classes instead of its own held-out half, e.g. test for "
+    "the glyph sources (drawn in other fonts): φ learns to regularise for a style shift",
     "classes": "class subset to meta-train on, e.g. 0-4 (hold the rest out for evaluation); default all",
     "groups": "number of class groups G; there are 2G tasks",
     "extra_sources": "more source datasets, each DATASET:CLASSES:GROUPS (CLASSES empty for all), e.g. "

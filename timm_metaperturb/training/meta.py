@@ -47,6 +47,7 @@ class MetaTrainConfig:
 
     dataset: str = "fashion_mnist"
     dataset_split: str = "train"
+    val_split: str | None = None  # validation images from this split of each source (default: the task's own half)
     classes: str | None = None
     groups: int = 5
     extra_sources: list[str] = field(default_factory=list)  # "DATASET:CLASSES:GROUPS", tasks of their own
@@ -208,6 +209,8 @@ def source_tasks(cfg: MetaTrainConfig) -> tuple[ImageTensors, list[Task]]:
         data = to_tensors(load_image_dataset(name, cfg.dataset_split), cfg.image_size)
         own = make_tasks(data.labels, groups, cfg.seed, parse_classes(classes), cfg.task_split,
                          min_images=cfg.batch_size, train_per_class=cfg.train_per_class)  # fmt: skip
+        if cfg.val_split:
+            data, own = _validate_on_split(data, own, load_image_dataset(name, cfg.val_split), cfg)
         first_image, first_class = sum(len(p) for p in parts), sum(len(p.class_names) for p in parts)
         tasks += [
             Task(len(tasks) + t.index, tuple(c + first_class for c in t.classes), t.train + first_image,
@@ -223,6 +226,30 @@ def source_tasks(cfg: MetaTrainConfig) -> tuple[ImageTensors, list[Task]]:
         torch.cat([p.labels for p in parts]),
         [c for p in parts for c in p.class_names],
     )
+    return joined, tasks
+
+
+def _validate_on_split(data: ImageTensors, tasks: list[Task], other, cfg: MetaTrainConfig):
+    """Each task validates on the images of its classes in another split (for the glyph sources, other fonts), so that
+    φ is meta-trained for test images unlike the training images, as a user's often are."""
+    held = to_tensors(other, cfg.image_size)
+    if held.class_names != data.class_names:
+        raise ValueError(f"split {cfg.val_split!r} has other classes than split {cfg.dataset_split!r}")
+    first = len(data)
+    joined = ImageTensors(torch.cat([data.images, held.images]), torch.cat([data.labels, held.labels]),
+                          data.class_names)  # fmt: skip
+    tasks = [
+        Task(
+            t.index,
+            t.classes,
+            t.train,
+            torch.nonzero(torch.isin(held.labels, torch.tensor(t.classes))).flatten() + first,
+        )
+        for t in tasks
+    ]
+    small = [t.index for t in tasks if len(t.val) < cfg.batch_size]
+    if small:
+        raise ValueError(f"tasks {small} have fewer than {cfg.batch_size} validation images in split {cfg.val_split!r}")
     return joined, tasks
 
 
@@ -324,6 +351,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "source_dataset": " + ".join(s[0] for s in sources),
         "source_classes": " + ".join(s[1] or "all" for s in sources),
         "train_per_class": cfg.train_per_class,
+        "val_split": cfg.val_split,
         "tasks": len(tasks),
         "source_model": cfg.model,
         "steps": cfg.steps,
