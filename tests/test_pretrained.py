@@ -24,12 +24,13 @@ import json, sys, torch
 import timm_metaperturb as tm
 from timm_metaperturb.training.data import Augmentation
 from timm_metaperturb.training.metrics import classification_metrics
-from timm_metaperturb.training.target import TargetConfig, predict_proba, prepare_data
+from timm_metaperturb.training.evaluation import predict_proba
+from timm_metaperturb.training.target import TargetConfig, prepare_data
 source, folder = sys.argv[1], sys.argv[2]
 cfg = TargetConfig(**json.load(open(folder + "/run.json"))["config"])
 _, test = prepare_data(cfg)
 model = tm.create_model(source, pretrained=True).eval()
-probs = predict_proba(model, test.images, Augmentation(cfg.crop_padding, cfg.hflip))
+probs = predict_proba(model, test, Augmentation(cfg.crop_padding, cfg.hflip))
 torch.save(probs, folder + "/reloaded.pt")
 print(json.dumps(classification_metrics(probs, test.labels)))
 """

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import moments_over_batch
 from ..hub import PhiHubMixin
 from . import fused as fused_ops
 from .torch_ops import (
@@ -228,7 +229,7 @@ class MetaPerturb(
         if not use_batch:
             return stats.running_mean.float(), stats.running_var.float()
         f = self.scale_features(h, mode)
-        mean, var = f.mean(0), f.var(0, unbiased=True)
+        mean, var = moments_over_batch(f)
         if stats is not None:
             with torch.no_grad():
                 finite = all_finite(mean, var, site)  # else an error, or in a CUDA graph no update (on the device)

@@ -172,16 +172,19 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Augmentation:
     """The reference's transforms: random crop with `crop_padding` zero padding, horizontal flip, then
-    normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1])."""
+    normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1]; a pretrained network's per channel)."""
 
     crop_padding: int = 4
     hflip: bool = True
-    mean: float = 0.5
-    std: float = 0.5
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.5
 
 
 def normalise(images: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-    return (images.float() / 255 - aug.mean) / aug.std
+    """uint8 images (..., C, H, W) to floats normalised with `aug`'s mean and std (numbers, or one per channel)."""
+    mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) if isinstance(v, tuple) else v
+                 for v in (aug.mean, aug.std))  # fmt: skip
+    return (images.float() / 255 - mean) / std
 
 
 class NormalisedBatches:
@@ -195,22 +198,46 @@ class NormalisedBatches:
         return (normalise(x.to(self.device), self.aug) for x in self.images.split(self.batch_size))
 
 
-def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """A training batch from uint8 images: per-image random crop and flip drawn from `generator`."""
-    n, _, h, w = images.shape
+@dataclass(frozen=True)
+class CropFlip:
+    """One batch's draws of the reference augmentation: where each image's crop starts in its padded copy (`dy`,
+    `dx`) and whether it is flipped; None where the augmentation does not crop or flip. Indexing gives a sub-batch's
+    draws, so that a process or a loader worker applies exactly the draws a whole batch made."""
+
+    dy: torch.Tensor | None
+    dx: torch.Tensor | None
+    flip: torch.Tensor | None
+
+    def __getitem__(self, index) -> CropFlip:
+        return CropFlip(*(None if t is None else t[index] for t in (self.dy, self.dx, self.flip)))
+
+
+def draw_crop_flip(n: int, aug: Augmentation, generator: torch.Generator) -> CropFlip:
+    p = aug.crop_padding
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
+    flip = torch.rand(n, generator=generator) < 0.5 if aug.hflip else None
+    return CropFlip(dy, dx, flip)
+
+
+def crop_flip(images: torch.Tensor, draws: CropFlip, aug: Augmentation) -> torch.Tensor:
+    """uint8 images (N, C, H, W) cropped (zero padding `aug.crop_padding`) and flipped as `draws` say."""
+    n, channels, h, w = images.shape
     p = aug.crop_padding
     if p:
         padded = F.pad(images, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, images.shape[1], h, w + 2 * p)
+        rows = (draws.dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, channels, h, w + 2 * p)
         images = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, images.shape[1], h, w)
+        cols = (draws.dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, channels, h, w)
         images = images.gather(3, cols)
     if aug.hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    return normalise(images, aug)
+        images = torch.where(draws.flip[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """A training batch from uint8 images: per-image random crop and flip drawn from `generator`, normalised."""
+    return normalise(crop_flip(images, draw_crop_flip(len(images), aug, generator), aug), aug)
 
 
 class EpochSampler:

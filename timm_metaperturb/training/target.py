@@ -2,19 +2,24 @@
 
 The reference recipe: Adam (lr 1e-3, weight decay 5e-4), batch 128, 10,000 steps, the learning rate x0.3 at
 40%, 70% and 90% of the steps, MetaPerturb's strength k = min(1, step / (0.4 steps)), φ frozen. Evaluation:
-accuracy, NLL and ECE on the test set, averaging the softmax of N stochastic passes for MetaPerturb.
-`train/target.py` is its command line. With `checkpoint_every`, a run killed at any point and started again
-with `resume` continues from its last checkpoint and ends with the same network as an uninterrupted run.
+accuracy, NLL and ECE on the test set (`evaluation.py`). `train/target.py` is its command line.
+
+One process or many (`accelerate launch`): the batch size is the global batch of one optimizer step, split over
+the processes and, with `grad_accum`, over forwards; each process's loss is weighted by its share of the batch, so
+the gradient is the global batch's mean however it is split. Batch norm's and φ's batch statistics are each
+process's own unless `sync_stats` (`distributed.py`). With `checkpoint_every`, a run killed at any point and
+started again with `resume` (on any number of processes) continues from its last checkpoint; on one process it
+ends with the same network as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,40 +27,41 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from ..injection import (
-    ATTRIBUTE,
-    MetaPerturbInjection,
-    annealed_strength,
-    eval_noise_as,
-    finalize_for_inference,
-    get_injection,
-    set_eval_noise,
-)
+from ..distributed import synchronise_batchnorm, synchronised
+from ..injection import ATTRIBUTE, annealed_strength, finalize_for_inference, get_injection, set_eval_noise
 from ..model_card import network_model_card
 from ..pretrained import network_weights_file, save_pretrained
-from ..recalibration import recalibrate_batchnorm
 from ..regularizers import REGULARIZERS, add_regularizer, get_regularizer
 from ..sites import SiteModule
 from ..state_dicts import mismatch_report
 from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
-from .data import (
-    Augmentation,
-    EpochSampler,
-    ImageTensors,
-    NormalisedBatches,
-    augment,
-    load_image_dataset,
-    seed_for,
-    to_tensors,
+from .data import Augmentation, EpochSampler, ImageTensors, crop_flip, normalise, seed_for
+from .evaluation import (
+    ReestimationBatches,
+    evaluate_modes,
+    predict_proba,
+    predict_recalibrated,
+    training_loss_with_and_without_noise,
+    unfit_warning,
 )
 from .metrics import classification_metrics, reliability_bins
-from .tasks import parse_classes
+from .streaming import (
+    TRANSFORMS,
+    ReferenceTransform,
+    TrainKeys,
+    loader,
+    next_global,
+    shard,
+    timm_data_config,
+    timm_transforms,
+)
+from .target_data import LOADERS, MEMORY_BUDGET, TargetData, select_target_data
 
 METHODS = ("base", *REGULARIZERS)
 
@@ -72,6 +78,7 @@ class TargetConfig:
     max_per_class: int | None = None
     classes: str | None = None
     model: str = "resnet20"
+    pretrained: bool = False
     method: str = "metaperturb"
     phi: str | None = None
     init_from: str | None = None
@@ -90,6 +97,15 @@ class TargetConfig:
     final_modes: str = ""
     crop_padding: int = 4
     hflip: bool = True
+    augment: str | None = None  # reference or timm; default: timm with --pretrained, else reference
+    auto_augment: str | None = None
+    loader: str = "auto"
+    workers: int | None = None
+    skip_unreadable: bool = False
+    sync_stats: bool = False
+    grad_accum: int = 1
+    mixed_precision: str | None = None
+    report_to: str | None = None
     placement: str = "pre_activation"
     phi_components: str = "noise,scale"
     dropblock_prob: float = 0.1
@@ -107,7 +123,18 @@ class TargetConfig:
     resume: bool = False
 
     # the settings a resumed run may change: where it writes, what it shows, and the final evaluations
-    RESUME_FREE = ("output", "progress", "plots", "checkpoint_every", "resume", "final_passes", "final_modes")
+    RESUME_FREE = (
+        "output",
+        "progress",
+        "plots",
+        "checkpoint_every",
+        "resume",
+        "final_passes",
+        "final_modes",
+        "loader",
+        "workers",
+        "report_to",
+    )
 
     def methods(self) -> list[str]:
         methods = [m.strip() for m in self.method.replace("+", ",").split(",") if m.strip()]
@@ -117,6 +144,12 @@ class TargetConfig:
         if "base" in methods and len(methods) > 1:
             raise ValueError("'base' means no regularizer: do not combine it with other methods")
         return [m for m in methods if m != "base"]
+
+    def augmentation(self) -> str:
+        kind = self.augment or ("timm" if self.pretrained else "reference")
+        if kind not in TRANSFORMS:
+            raise ValueError(f"--augment {kind!r}: choose from {', '.join(TRANSFORMS)}")
+        return kind
 
     def output_dir(self) -> Path:
         """Where the run writes: --output, else outputs/<dataset>-<method> (the dataset's last path part, so a Hub
@@ -129,61 +162,6 @@ class TargetConfig:
         if wrong:
             raise ValueError(f"--final-modes {wrong}: use pass counts (e.g. 1,10,100), 'mean' and/or 'mean-bn'")
         return modes
-
-
-# -- data ------------------------------------------------------------------------------------------------------
-
-
-def _select(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
-    return ImageTensors(data.images[index], data.labels[index], data.class_names)
-
-
-def _keep_classes(data: ImageTensors, classes: list[int] | None) -> ImageTensors:
-    if classes is None:
-        return data
-    keep = torch.isin(data.labels, torch.tensor(classes))
-    lookup = torch.full((len(data.class_names),), -1, dtype=torch.int64)
-    lookup[classes] = torch.arange(len(classes))
-    return ImageTensors(data.images[keep], lookup[data.labels[keep]], [data.class_names[c] for c in classes])
-
-
-def _per_class(labels: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-    """Each class's indices, shuffled."""
-    return [idx[torch.randperm(len(idx), generator=generator)] for idx in (torch.nonzero(labels == c).flatten()
-            for c in range(int(labels.max()) + 1))]  # fmt: skip
-
-
-def prepare_data(cfg: TargetConfig) -> tuple[ImageTensors, ImageTensors]:
-    """The training and test sets: the dataset's test split, or held out from its training split with
-    `val_fraction` (a fraction of each class) and/or `test_rest` (every image not picked for training);
-    `max_per_class` keeps that many training images of each class (the data-scarce settings)."""
-    classes = parse_classes(cfg.classes)
-    data = _keep_classes(to_tensors(load_image_dataset(cfg.dataset, cfg.train_split), cfg.image_size), classes)
-    generator = torch.Generator().manual_seed(seed_for(cfg.seed, "data split"))
-    train_idx, test_idx = [], []
-    for idx in _per_class(data.labels, generator):
-        held = round(len(idx) * cfg.val_fraction) if cfg.val_fraction else 0
-        test_idx.append(idx[:held])
-        pool = idx[held:]
-        keep = pool[: cfg.max_per_class] if cfg.max_per_class else pool
-        train_idx.append(keep)
-        if cfg.test_rest:
-            test_idx.append(pool[len(keep) :])
-    train = _select(data, torch.cat(train_idx).sort().values)
-    if cfg.val_fraction or cfg.test_rest:
-        test = _select(data, torch.cat(test_idx).sort().values)
-    else:
-        try:
-            test_ds = load_image_dataset(cfg.dataset, cfg.test_split)
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"dataset '{cfg.dataset}' has no '{cfg.test_split}' split ({e}): pass --val-fraction F to hold out a "
-                "fraction of each class as the test set, or --test-rest with --max-per-class"
-            ) from e
-        test = _keep_classes(to_tensors(test_ds, cfg.image_size), classes)
-    if len(test) == 0:
-        raise ValueError("the test set is empty: check --val-fraction, --test-rest and --max-per-class")
-    return train, test
 
 
 # -- model -----------------------------------------------------------------------------------------------------
@@ -211,13 +189,17 @@ def load_initial_weights(model: nn.Module, source: str) -> list[str]:
 
 def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[str, nn.Module]]:
     """The network with the chosen methods attached, on cfg.device in cfg's memory layout; returns it and
-    {method: attached module}."""
+    {method: attached module}. With `pretrained`, timm's weights for the architecture (a `hf-hub:` or `local-dir:`
+    model name loads that folder's), the classifier new for `num_classes`."""
     methods = cfg.methods()
-    if not timm.is_model(cfg.model):
+    if not cfg.model.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(cfg.model):
         raise ValueError(f"unknown model '{cfg.model}': pass a timm model name (see timm.list_models())")
-    model = timm.create_model(cfg.model, num_classes=num_classes)
+    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
     if cfg.init_from:
         load_initial_weights(model, cfg.init_from)
+    check_image_size(model, cfg)
+    if cfg.sync_stats:
+        synchronise_batchnorm(model)
     size = (3, cfg.image_size, cfg.image_size)
     attached: dict[str, SiteModule] = {}
     for method in methods:
@@ -232,125 +214,99 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     return model, attached
 
 
-def data_config(cfg: TargetConfig, aug: Augmentation) -> dict:
-    """The preprocessing the network was trained with, for its pretrained_cfg: every image squashed to the square
-    image size (bilinear, antialiased), scaled to [0, 1] and normalised with `aug`'s mean and std."""
-    return {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bilinear", "crop_pct": 1.0,
-            "crop_mode": "squash", "mean": (aug.mean,) * 3, "std": (aug.std,) * 3}  # fmt: skip
-
-
-# -- training and evaluation -----------------------------------------------------------------------------------
-
-
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, aug: Augmentation, passes: int = 1) -> torch.Tensor:
-    """Softmax probabilities averaged over `passes` forward passes (Monte-Carlo for stochastic methods)."""
-    model.eval()
-    batches, total = NormalisedBatches(images, aug, next(model.parameters()).device), None
-    for _ in range(passes):
-        probs = torch.cat([F.softmax(model(batch), 1).cpu() for batch in batches])
-        total = probs if total is None else total + probs
-    return total / passes
-
-
-def predict_recalibrated(model: nn.Module, images: torch.Tensor, aug: Augmentation, train: ImageTensors) -> Tensor:
-    """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
-    in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
-    with restored_buffers(model):  # the re-estimation changes batch norm's buffers only
-        recalibrate_batchnorm(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
-        return predict_proba(model, images, aug)
-
-
-@contextmanager
-def restored_buffers(model: nn.Module) -> Iterator[None]:
-    """Run a block that changes the model's buffers (batch norm's and φ's statistics), then put them back."""
-    saved = [(b, b.clone()) for b in model.buffers()]
+def check_image_size(model: nn.Module, cfg: TargetConfig) -> None:
+    """Fail before training when the network cannot take images of --image-size."""
     try:
-        yield
-    finally:
-        for buffer, value in saved:
-            buffer.copy_(value)
+        model.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    except RuntimeError as e:
+        raise ValueError(
+            f"{cfg.model} cannot take {cfg.image_size}x{cfg.image_size} images ({str(e).splitlines()[0]}): pass a "
+            "larger --image-size"
+        ) from e
 
 
-@torch.no_grad()
-def training_loss_with_and_without_noise(
-    model: nn.Module, train: ImageTensors, aug: Augmentation, batch_size: int
-) -> dict[str, float]:
-    """The cross-entropy on the (unaugmented, shuffled) training images in training mode at full strength, with
-    φ's noise sampled ("noise") and replaced by its expectation ("expected"; φ's scales from the batch's statistics
-    as in training), other regularizers off: how far the noise keeps the training loss above what the same network
-    reaches without it. Side-effect free: batch norm's and φ's statistics, the strength, φ's modes and the random
-    state are restored."""
-    injection = get_injection(model)
-    strength = injection.strength
-    device = next(model.parameters()).device
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))  # batches of mixed classes
-    images, labels = train.images[order], train.labels[order]
-    losses = {}
-    with restored_buffers(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        injection.strength = 1.0
-        for name in ("noise", "expected"):
-            model.train()
-            for other in (m for m in model.modules() if isinstance(m, SiteModule) and m is not injection):
-                other.eval()  # φ alone: the regularizers trained beside it stay off
-            if name == "expected":
-                injection.training = False  # φ's noise as at eval; the sites keep the batch's statistics
-            with eval_noise_as(model, "mean" if name == "expected" else injection.mode.eval_noise):
-                total = sum(F.cross_entropy(model(x), y.to(device), reduction="sum").item()
-                            for x, y in zip(NormalisedBatches(images, aug, device, batch_size),
-                                            labels.split(batch_size), strict=True))  # fmt: skip
-            losses[name] = total / len(train)
-        injection.strength = strength
-    model.eval()
-    return losses
+def pixel_statistics(model: nn.Module, cfg: TargetConfig) -> tuple[float | tuple, float | tuple]:
+    """The mean and std inputs are normalised with: the pretrained weights' (their pretrained config's), else 0.5."""
+    if not cfg.pretrained:
+        return 0.5, 0.5
+    pretrained = model.pretrained_cfg
+    return tuple(pretrained.get("mean", (0.5,) * 3)), tuple(pretrained.get("std", (0.5,) * 3))
 
 
-# The final training loss of the benchmarks' runs (benchmarks/runs): below 0.05 nats without φ; with φ's noise,
-# below 0.25 wherever it was measured, except the φ meta-trained on Fashion-MNIST 0-4 on two rendered-letter targets
-# (1.2-1.3), 13 points behind the authors' φ on one of them and 1 ahead on the other.
-UNFIT_TRAINING_LOSS = 0.5
+def data_config(cfg: TargetConfig, aug: Augmentation, model: nn.Module) -> dict:
+    """The preprocessing the network was trained with, for its pretrained_cfg: timm's resolved config with timm's
+    transforms; otherwise every image squashed to the square image size (bilinear, antialiased), scaled to [0, 1]
+    and normalised with `aug`'s mean and std."""
+    if cfg.augmentation() == "timm":
+        return timm_data_config(model, cfg.image_size)
+    mean, std = (v if isinstance(v, tuple) else (v,) * 3 for v in (aug.mean, aug.std))
+    return {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "squash", "mean": mean, "std": std}  # fmt: skip
 
 
-def unfit_warning(losses: dict[str, float]) -> str | None:
-    """What to tell a user whose network, with φ's noise, ends far from fitting its training images (the measure
-    of `training_loss_with_and_without_noise`), or None when it fits."""
-    if losses["noise"] <= UNFIT_TRAINING_LOSS:
-        return None
-    return (
-        f"with φ's noise the training loss ends at {losses['noise']:.2f} nats ({losses['expected']:.2f} with the "
-        f"noise replaced by its expectation), where networks trained without φ end below 0.05: the noise may be too "
-        "strong for this task, or training too short. Compare with --method base on held-out data, and try another "
-        "φ (--phi) or more --steps."
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(
+    cfg: TargetConfig,
+    model: nn.Module | None = None,
+    aug: Augmentation | None = None,
+    selected: TargetData | None = None,
+) -> tuple:
+    """The training and test sets, in memory or streamed (`cfg.loader`; `auto` streams with timm's transforms or
+    when the decoded images would pass MEMORY_BUDGET). timm's transforms follow `model`'s pretrained config."""
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"--loader {cfg.loader!r}: choose from {', '.join(LOADERS)}")
+    kind = cfg.augmentation()
+    selected = selected or select_target_data(cfg)
+    streamed = cfg.loader == "stream" or (
+        cfg.loader == "auto" and (kind == "timm" or selected.decoded_bytes(cfg.image_size) > MEMORY_BUDGET)
     )
+    if kind == "timm" and not streamed:
+        raise ValueError("--augment timm decodes each image in a loader worker: use --loader stream (or auto)")
+    if not streamed:
+        return selected.materialise(cfg.image_size, False)
+    aug = aug or Augmentation(cfg.crop_padding, cfg.hflip)
+    if kind == "timm":
+        if model is None:
+            model = timm.create_model(cfg.model, pretrained=False, num_classes=len(selected.class_names))
+        transforms = timm_transforms(model, cfg.image_size, cfg.hflip, cfg.auto_augment)
+    else:
+        transforms = (ReferenceTransform(cfg.image_size, aug),) * 2
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    return selected.materialise(cfg.image_size, True, transforms, workers, cfg.skip_unreadable)
 
 
-def evaluate_modes(
-    model: nn.Module, test: ImageTensors, aug: Augmentation, modes: list[str], train: ImageTensors | None = None
-) -> dict[str, dict]:
-    """Test metrics under several evaluations. With MetaPerturb: "N" = Monte-Carlo average of N sampled passes
-    (the largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its
-    expectation, "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
-    `recalibrate_batchnorm`); keys "sample-N", "mean", "mean-bn". Without it (baselines): "final" and, for
-    "mean-bn", "final-bn" (the deterministic pass after the same re-estimation). The model is left as it was."""
-    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
-    if "mean-bn" in modes and train is None:
-        raise ValueError("the 'mean-bn' evaluation needs the training images")
-    results, total = {}, None
-    counts = sorted({int(m) for m in modes if m.isdigit()}) if phi else []
-    with eval_noise_as(model, "sample") if phi else nullcontext():
-        for n in range(1, (counts[-1] if counts else 0) + 1):
-            probs = predict_proba(model, test.images, aug)
-            total = probs if total is None else total + probs
-            if n in counts:
-                results[f"sample-{n}"] = classification_metrics(total / n, test.labels)
-    deterministic = "mean" if phi else "final"
-    with eval_noise_as(model, "mean") if phi else nullcontext():
-        if "mean" in modes or not phi:
-            results[deterministic] = classification_metrics(predict_proba(model, test.images, aug), test.labels)
-        if "mean-bn" in modes:
-            probs = predict_recalibrated(model, test.images, aug, train)
-            results[f"{deterministic}-bn"] = classification_metrics(probs, test.labels)
-    return results
+class TrainBatches:
+    """This process's share of each step's training batch, normalised on `device`, with its labels. The run's
+    sampler (saved in checkpoints) draws each global batch and, for the reference transform, its crops and flips;
+    in memory they are applied here, streamed they are replayed by a loader whose workers decode and transform."""
+
+    def __init__(self, train, aug: Augmentation, sampler: EpochSampler, cfg: TargetConfig, start: int, device,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+        self.train, self.aug, self.sampler, self.device = train, aug, sampler, device
+        self.kind, self.seed, self.rank, self.world_size = cfg.augmentation(), cfg.seed, rank, world_size
+        self.step = start
+        self.stream = None
+        if not isinstance(train, ImageTensors):
+            keys = TrainKeys(sampler, self.kind, aug, cfg.seed, start, cfg.steps, rank, world_size)
+            self.stream = iter(loader(train, keys, train.workers))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, draws = next_global(self.sampler, self.kind, self.aug, self.seed, self.step)
+        self.step += 1
+        part = shard(len(idx), self.rank, self.world_size)
+        if self.stream is None:
+            images = crop_flip(self.train.images[idx[part]], draws[part], self.aug)
+            return normalise(images.to(self.device), self.aug), self.train.labels[idx[part]].to(self.device)
+        x, y, positions = next(self.stream)
+        if not set(positions.tolist()) <= set(idx[part].tolist()):
+            raise RuntimeError("the loader's batch is not the sampler's: the run's batches went out of step")
+        return x.to(self.device), y.to(self.device)
+
+
+# -- training ----------------------------------------------------------------------------------------------------
 
 
 CHECKPOINT_DIR = "checkpoint"  # in the output folder; removed once the run is complete
@@ -380,77 +336,136 @@ def restore_training_state(
 
 
 def train_target(cfg: TargetConfig, command: str = "") -> dict:
-    """Train and evaluate one run; write run.json, the network in timm's format (`save_pretrained`: config.json,
-    model.safetensors, MetaPerturb's files, a model card) and plots to `cfg.output_dir()`."""
+    """Train and evaluate one run, on this process or on every process `accelerate launch` started; the main
+    process writes run.json, the network in timm's format (`save_pretrained`: config.json, model.safetensors,
+    MetaPerturb's files, a model card) and plots to `cfg.output_dir()`."""
+    from accelerate import Accelerator
+
     started = time.time()
     if torch.device(cfg.device).type == "cpu":
         keep_freed_memory()
     methods, final_modes = cfg.methods(), cfg.final_eval_modes()
-    train, test = prepare_data(cfg)
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} must be at least 1 and divide --batch-size {cfg.batch_size}")
+    output = cfg.output_dir()
+    accelerator = Accelerator(cpu=torch.device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision,
+                              log_with=cfg.report_to, project_dir=output)  # fmt: skip
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = torch.device(cfg.device) if world == 1 else accelerator.device
+    selected = select_target_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
-    model, attached = build_model(cfg, len(train.class_names))
+    model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
+    aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg))
+    train, test = prepare_data(cfg, model, aug, selected)
+    if world > 1:  # each process draws its own noise (and masks, and mixing), like dropout under data parallelism
+        torch.manual_seed(seed_for(cfg.seed, "process", rank))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = [round(float(f) * cfg.steps) for f in cfg.milestones.split(",") if f.strip()]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.gamma)
-    aug = Augmentation(cfg.crop_padding, cfg.hflip)
     sampler = EpochSampler(len(train), min(cfg.batch_size, len(train)), seed_for(cfg.seed, "batches"))
+    if sampler.batch_size < world * cfg.grad_accum:
+        raise ValueError(f"a batch of {sampler.batch_size} cannot be split over {world} processes x --grad-accum "
+                         f"{cfg.grad_accum}: use a larger --batch-size")  # fmt: skip
     stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
     recalibrated = "metaperturb" in attached and cfg.eval_noise == "mean"
+    wrapped, optimizer = accelerator.prepare(model, optimizer) if world > 1 else (model, optimizer)
+    if world == 1 and cfg.mixed_precision not in (None, "no"):
+        optimizer = accelerator.prepare_optimizer(optimizer)
 
-    def test_proba(passes: int) -> Tensor:
+    def test_proba(passes: int) -> torch.Tensor:
         """MetaPerturb's evaluation: Monte-Carlo over `passes`, or one deterministic pass after re-estimating
         batch norm in that mode; other methods: one pass."""
         if recalibrated:
-            return predict_recalibrated(model, test.images, aug, train)
-        return predict_proba(model, test.images, aug, passes if stochastic else 1)
+            return predict_recalibrated(model, test, aug, train)
+        return predict_proba(model, test, aug, passes if stochastic else 1)
 
     history, strengths, start, elapsed = [], [], 0, 0.0
-    output = cfg.output_dir()
-    output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / CHECKPOINT_DIR
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     if cfg.resume and (checkpoint / STATE_FILE).is_file():
         state = load_checkpoint_file(checkpoint / STATE_FILE)
         check_resumable(state["config"], cfg, checkpoint)
-        restore_training_state(state, model, optimizer, scheduler, sampler, cfg.device)
+        restore_training_state(state, model, optimizer, scheduler, sampler, str(device))
+        if world > 1:
+            torch.manual_seed(seed_for(cfg.seed, "process", rank, state["step"]))
         history, strengths, start, elapsed = state["history"], state["strengths"], state["step"], state["elapsed"]
-        print(f"resuming from {checkpoint} at step {start} of {cfg.steps}")
+        accelerator.print(f"resuming from {checkpoint} at step {start} of {cfg.steps}")
     elif cfg.resume:
-        print(f"no checkpoint in {output}: starting at step 0")
-    bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc=f"{cfg.method} on {cfg.dataset}")
+        accelerator.print(f"no checkpoint in {output}: starting at step 0")
+    if cfg.report_to:
+        accelerator.init_trackers("target", config={k: v for k, v in asdict(cfg).items() if v is not None})
+    batches = TrainBatches(train, aug, sampler, cfg, start, device, rank, world)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
+               desc=f"{cfg.method} on {cfg.dataset}")  # fmt: skip
+    tick, seen = time.time(), 0
     for step in bar:  # the methods' schedules follow the optimizer's steps (`schedule.py`)
         strengths.append(annealed_strength(step, cfg.steps, cfg.anneal))
         model.train()
-        idx = sampler.next()
-        x = augment(train.images[idx], aug, sampler.generator).to(cfg.device)
-        y = train.labels[idx].to(cfg.device)
-        for owner in attached.values():
-            x = owner.transform_batch(x)
-        logits = model(x)
-        task_losses = [loss for owner in attached.values() if (loss := owner.task_loss(logits, y)) is not None]
-        loss = task_losses[0] if task_losses else F.cross_entropy(logits, y)
-        for owner in attached.values():
-            if (extra := owner.extra_loss()) is not None:
-                loss = loss + extra
+        x_all, y_all = batches.next()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pieces = list(zip(x_all.tensor_split(cfg.grad_accum), y_all.tensor_split(cfg.grad_accum), strict=True))
+        for i, (x, y) in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with nullcontext() if last or world == 1 else accelerator.no_sync(wrapped), synchronised(cfg.sync_stats):
+                with accelerator.autocast():
+                    for owner in attached.values():
+                        x = owner.transform_batch(x)
+                    logits = wrapped(x)
+                    task_losses = [loss for owner in attached.values()
+                                   if (loss := owner.task_loss(logits, y)) is not None]  # fmt: skip
+                    loss = task_losses[0] if task_losses else F.cross_entropy(logits, y)
+                    for owner in attached.values():
+                        if (extra := owner.extra_loss()) is not None:
+                            loss = loss + extra
+                share = len(y) * world / sampler.batch_size  # this forward's part of the global mean
+                accelerator.backward(loss if share == 1 else loss * share)
         optimizer.step()
         scheduler.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr")
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        seen += len(y_all) * world
+        if main and cfg.progress and (step + 1) % 10 == 0:
+            rate, tick, seen = seen / (time.time() - tick), time.time(), 0
+            bar.set_postfix(loss=f"{loss.item():.3f}", images_per_s=f"{rate:.0f}")
+        if main and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             probs = test_proba(cfg.eval_passes)
             history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
-            bar.set_postfix(acc=f"{history[-1]['accuracy']:.2f}")
+            tick, seen = time.time(), 0  # the rate leaves the evaluation out
+            bar.write(f"step {step + 1}: test accuracy {history[-1]['accuracy']:.2f}%")
+            if cfg.report_to:
+                accelerator.log({k: v for k, v in history[-1].items() if k != "step"}, step=step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint_file(checkpoint, STATE_FILE, {
-                **training_state(model, optimizer, scheduler, sampler, cfg.device), "config": asdict(cfg),
-                "step": step + 1, "history": history, "strengths": strengths,
-                "elapsed": elapsed + time.time() - started,
-            })  # fmt: skip
+            if main:
+                save_checkpoint_file(checkpoint, STATE_FILE, {
+                    **training_state(model, optimizer, scheduler, sampler, str(device)), "config": asdict(cfg),
+                    "step": step + 1, "history": history, "strengths": strengths,
+                    "elapsed": elapsed + time.time() - started,
+                })  # fmt: skip
+            accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
+    run = None
+    if main:
+        run = _finish(cfg, command, model, attached, train, test, aug, history, strengths, loss,
+                      final_modes, methods, elapsed - started, world)  # fmt: skip
+        if cfg.report_to:
+            accelerator.log({f"final_{k}": v for k, v in run["final"].items() if k != "step"}, step=cfg.steps)
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _finish(cfg, command, model, attached, train, test, aug, history, strengths, loss, final_modes,
+            methods, clock_offset, world) -> dict:  # fmt: skip
+    """The final evaluations, the finalized network, run.json, the network's folder and the plots; the wall time
+    is `clock_offset` + time.time() at the end."""
+    output = cfg.output_dir()
+    stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
+    recalibrated = "metaperturb" in attached and cfg.eval_noise == "mean"
     passes = cfg.final_passes if stochastic else 1
-    probs = None if recalibrated else test_proba(passes)
-    run = {"config": asdict(cfg), "command": command, "methods": methods or ["base"],
+    probs = None if recalibrated else predict_proba(model, test, aug, passes)
+    run = {"config": asdict(cfg), "command": command, "methods": methods or ["base"], "world_size": world,
            "data": {"train": len(train), "test": len(test), "classes": train.class_names}}  # fmt: skip
     if final_modes:  # on the trained network, before it is finalized
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
@@ -460,10 +475,10 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         warning = unfit_warning(run["train_loss_phi"])
         if warning:
             run["warnings"] = [warning]
-            warnings.warn(warning, stacklevel=2)
+            warnings.warn(warning, stacklevel=3)
     if recalibrated:  # the network kept is the one evaluated: deterministic, batch norm re-estimated for good
-        finalize_for_inference(model, NormalisedBatches(train.images, aug, next(model.parameters()).device))
-        probs = predict_proba(model, test.images, aug)
+        finalize_for_inference(model, ReestimationBatches(train, aug, next(model.parameters()).device))
+        probs = predict_proba(model, test, aug)
     final = {"step": cfg.steps, "train_loss": loss.item(), "passes": passes,
              **classification_metrics(probs, test.labels)}  # fmt: skip
     history.append(final)
@@ -471,12 +486,12 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
         "history": history, "final": final,
         "reliability": {k: v.tolist() for k, v in reliability_bins(probs, test.labels).items()},
         "strength_at": {f"{p:.0%}": strengths[min(len(strengths) - 1, round(p * cfg.steps))] for p in (0, 0.2, 0.4, 1)},
-        "wall_time_s": elapsed + time.time() - started,
+        "wall_time_s": clock_offset + time.time(),
     })  # fmt: skip
     card = network_model_card(model, f"local-dir:{output}", run)
-    save_pretrained(model, output, data_config=data_config(cfg, aug), card=card)
+    save_pretrained(model, output, data_config=data_config(cfg, aug, model), card=card)
     (output / "run.json").write_text(json.dumps(run, indent=1))
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: run.json and the network replace it
+    shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete: run.json and the network
     if cfg.plots:
         from .plots import plot_run
 
