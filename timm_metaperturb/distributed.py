@@ -35,17 +35,32 @@ def active() -> bool:
     return _synchronised and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """The sum of a tensor over every process; the gradient of each process's part is the sum of every process's
+    gradient of the result."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
 def batch_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and unbiased variance of x over `dims` and over every process, and the count of values behind them: two
     passes (the global mean, then the squared deviations from it), each one all-reduce that gradients flow back
     through."""
-    from torch.distributed.nn.functional import all_reduce
-
     local = torch.tensor([math.prod(x.shape[d] for d in dims)], device=x.device)
     dist.all_reduce(local)
     count = int(local.item())
-    mean = all_reduce(x.sum(dims, keepdim=True)) / count
-    squares = all_reduce((x - mean).square().sum(dims, keepdim=True))
+    mean = _SumOverProcesses.apply(x.sum(dims, keepdim=True)) / count
+    squares = _SumOverProcesses.apply((x - mean).square().sum(dims, keepdim=True))
     return mean, squares / max(count - 1, 1), count
 
 

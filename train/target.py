@@ -11,6 +11,10 @@ Options without --dataset change that job (here: the same job with DropBlock, wr
 With --dataset, the run starts from the reference recipe (10,000 steps) instead, e.g. Fashion-MNIST classes 5-9 with
 100 images per class and DropBlock:
     python train/target.py --dataset fashion_mnist --classes 5-9 --max-per-class 100 --method dropblock
+Your own photos (a folder with one sub-folder per class), from a pretrained backbone with timm's transforms, on
+every GPU (or several CPU processes):
+    accelerate launch train/target.py --dataset photos/ --val-fraction 0.2 --model resnet50 --pretrained \
+        --image-size 224 --batch-size 64 --steps 2000 --device cuda
 Methods: base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination joined by '+';
 --init-from FOLDER fine-tunes from an earlier run's output folder, a hf-hub:REPO of one, or a checkpoint file (the
 classifier is re-initialised when the classes differ). A long run that may be cut off: --checkpoint-every 500, and
@@ -37,7 +41,22 @@ HELP = {
     "test_rest": "use the training-split images not picked for training (see --max-per-class) as the test set",
     "max_per_class": "keep this many training images per class (data-scarce settings)",
     "classes": "class subset, e.g. 5-9",
-    "model": "any timm CNN name, e.g. resnet20, conv4, wrn28_2, resnet18",
+    "model": "any timm CNN name, e.g. resnet20, conv4, wrn28_2, resnet50, or hf-hub:REPO / local-dir:FOLDER",
+    "pretrained": "start from the model's pretrained timm weights (from the Hugging Face Hub for a timm name, from "
+    "the folder for hf-hub: / local-dir:); the classifier is new for the dataset's classes",
+    "augment": "reference (pad-and-crop and flip, the paper's) or timm (timm's transforms for the model: random-"
+    "resized crop, flip, its mean and std); default: timm with --pretrained, else reference",
+    "auto_augment": "with --augment timm: timm's auto-augment policy, e.g. rand-m9-mstd0.5 or trivialaugment",
+    "loader": "memory (decode every image once and hold them), stream (decode each image in loader workers), or auto "
+    "(stream with --augment timm or when the images would take over 2 GiB)",
+    "workers": "loader worker processes per training process when streaming (default: up to 8 CPU cores)",
+    "skip_unreadable": "leave unreadable image files out (with a warning naming each) instead of stopping",
+    "sync_stats": "with several processes: batch norm's and φ's batch statistics over the global batch (like "
+    "SyncBatchNorm); default: each process's own",
+    "grad_accum": "split each step's batch over this many forwards (gradient accumulation); --batch-size stays the "
+    "images per optimizer step",
+    "mixed_precision": "no, bf16 or fp16 (autocast; default: what accelerate launch was given)",
+    "report_to": "an Accelerate tracker to log to: tensorboard, wandb, ...",
     "method": "base, metaperturb, information_dropout, dropblock, manifold_mixup, or a combination a+b",
     "phi": "φ for metaperturb: a folder, .safetensors file, Hub repo id, or the name of another φ the package "
     "ships (timm_metaperturb.packaged_phis()) (default: the shipped φ)",
@@ -93,10 +112,12 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = job_arguments(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(args)
     run = train_target(cfg, command="python train/target.py " + shlex.join(args))
+    if run is None:  # not the main process of an `accelerate launch`: the main one reports
+        return None
     print(results_table([run]))
     print(f"\nrun.json, plots and the network (timm's format) in {cfg.output_dir()}")
     return run

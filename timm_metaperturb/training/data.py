@@ -104,6 +104,7 @@ def load_image_dataset(name: str, split: str = "train"):
     if name.startswith("glyphs-"):
         return _array_dataset(*render_builtin(name, split))
     if os.path.isdir(name):
+        check_class_folders(Path(name))
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
     elif (reason := missing_local_path(name)) is not None:
         raise FileNotFoundError(f"dataset {reason}: pass a folder of images (a sub-folder per class) or a Hub dataset")
@@ -116,6 +117,23 @@ def load_image_dataset(name: str, split: str = "train"):
                 f"not a local folder, and loading it from the Hugging Face Hub failed: {type(e).__name__}: {e}"
             ) from e
     return _standardise_columns(ds, name)
+
+
+SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev", "eval")  # datasets' split names
+
+
+def check_class_folders(root: Path) -> None:
+    """An image folder's class sub-folders (inside split folders where there are some) each hold an image: datasets
+    would silently drop an empty one from the classes."""
+    from PIL import Image
+
+    extensions = {e.lower() for e in Image.registered_extensions()}
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if folders and all(d.name.lower() in SPLIT_FOLDERS for d in folders):
+        folders = [c for d in folders for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    empty = [str(d) for d in folders if not any(f.suffix.lower() in extensions for f in d.rglob("*") if f.is_file())]
+    if empty:
+        raise ValueError(f"class folder(s) without images: {', '.join(empty)}: add images or remove the folder")
 
 
 @dataclass

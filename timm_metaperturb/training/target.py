@@ -335,10 +335,10 @@ def restore_training_state(
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def train_target(cfg: TargetConfig, command: str = "") -> dict:
+def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     """Train and evaluate one run, on this process or on every process `accelerate launch` started; the main
     process writes run.json, the network in timm's format (`save_pretrained`: config.json, model.safetensors,
-    MetaPerturb's files, a model card) and plots to `cfg.output_dir()`."""
+    MetaPerturb's files, a model card) and plots to `cfg.output_dir()` and returns the run; the others return None."""
     from accelerate import Accelerator
 
     started = time.time()
@@ -451,8 +451,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict:
                       final_modes, methods, elapsed - started, world)  # fmt: skip
         if cfg.report_to:
             accelerator.log({f"final_{k}": v for k, v in run["final"].items() if k != "step"}, step=cfg.steps)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # ends the trackers and the process group
     return run
 
 
