@@ -117,7 +117,7 @@ def test_pretrained_weights_from_a_hub_folder(tmp_path, folder, hub_server, hub_
     out = tmp_path / "run"
     command = [*REPO_TARGET, "--dataset", str(folder), "--val-fraction", "0.25", "--model",
                "hf-hub:someone/resnet18-test", "--pretrained", "--image-size", "32", "--steps", "1",
-               "--eval-every", "1", "--batch-size", "8", "--lr", "0", "--method", "base", "--workers", "0",
+               "--eval-every", "1", "--batch-size", "8", "--lr", "0", "--workers", "0",
                "--no-plots", "--no-progress", "--output", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **hub_env})
     assert result.returncode == 0, result.stderr
@@ -125,5 +125,12 @@ def test_pretrained_weights_from_a_hub_folder(tmp_path, folder, hub_server, hub_
     assert trained["fc.weight"].shape == (4, 512) and original["fc.weight"].shape == (10, 512)
     same = [k for k in original if not k.startswith("fc.") and "running" not in k and "num_batches" not in k]
     assert same and all(torch.equal(trained[k], original[k]) for k in same), "lr 0: the backbone stays as loaded"
+    assert (out / "metaperturb.safetensors").is_file(), "φ attached after the weights were loaded"
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["pretrained_cfg"]["mean"] == [0.1, 0.2, 0.3] and config_json["num_classes"] == 4
+
+    # a trained network's folder (with MetaPerturb's files beside it) is a pretrained backbone too: its weights
+    again = tmp_path / "again"
+    train_target(config(folder, model=f"local-dir:{out}", pretrained=True, image_size=32, lr=0.0, steps=1,
+                        method="base", workers=0, output=str(again)))  # fmt: skip
+    assert torch.equal(load_file(again / "model.safetensors")["conv1.weight"], trained["conv1.weight"])
