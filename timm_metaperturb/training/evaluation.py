@@ -21,6 +21,7 @@ from .metrics import classification_metrics
 from .streaming import StreamedImages, batches_of
 
 RECALIBRATION_IMAGES = 4096  # batch norm's re-estimation uses at most this many training images (a fixed subset)
+KEPT_BYTES = 2**30  # and, streamed, at most this many bytes of them, decoded once
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -42,16 +43,18 @@ def predict_proba(model: nn.Module, data, aug: Augmentation, passes: int = 1) ->
 class ReestimationBatches:
     """The unaugmented training images batch norm is re-estimated on, re-iterable (it is read once per layer): at
     most `limit` of them, a fixed random subset. In memory they are sliced afresh on each pass; streamed ones are
-    decoded once and kept as float batches on the CPU."""
+    decoded once and kept as float batches on the CPU, at most KEPT_BYTES of them (about 1,700 images at 224 px)."""
 
     def __init__(self, train, aug: Augmentation, device, limit: int = RECALIBRATION_IMAGES) -> None:
+        streamed = isinstance(train, StreamedImages)
+        if streamed:
+            first = next(item for i in range(len(train)) if (item := train[(i, None)]) is not None)  # readable
+            limit = min(limit, max(1, KEPT_BYTES // (4 * first[0].numel())))
         order = None
         if len(train) > limit:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:limit].sort().values
         self.train, self.aug, self.device, self.order = train, aug, device, order
-        self.kept = None
-        if isinstance(train, StreamedImages):
-            self.kept = [x.cpu() for x, _ in batches_of(train, aug, "cpu", order=order)]
+        self.kept = [x for x, _ in batches_of(train, aug, "cpu", order=order)] if streamed else None
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.kept is not None:
