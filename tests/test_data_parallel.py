@@ -82,11 +82,18 @@ def test_per_process_statistics_resume_on_another_process_count(tmp_path):
     assert not checkpoint.parent.exists()
 
 
-def test_mixed_precision_and_accumulation(tmp_path):
-    """bf16 autocast and a batch split over 4 forwards train to a finite, saved network."""
-    result = subprocess.run([*launch(1), *job(tmp_path / "bf16", "--mixed-precision", "bf16", "--grad-accum", "4")],
-                            capture_output=True, text=True)  # fmt: skip
+def test_mixed_precision_accumulation_and_a_tracker(tmp_path):
+    """bf16 autocast and a batch split over 4 forwards train to a finite, saved network; TensorBoard gets the
+    intermediate and final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--mixed-precision", "bf16", "--grad-accum", "4", "--report-to", "tensorboard"]
+    result = subprocess.run([*launch(1), *job(tmp_path / "bf16", *flags)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((tmp_path / "bf16" / "run.json").read_text())
     assert run["config"]["mixed_precision"] == "bf16" and run["final"]["accuracy"] > 10
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "bf16").values() if v.is_floating_point())
+    events = list((tmp_path / "bf16").rglob("events.out.tfevents*"))
+    assert len(events) == 1
+    scalars = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert {"accuracy", "nll", "final_accuracy", "final_ece"} <= set(scalars)

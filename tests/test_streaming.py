@@ -134,3 +134,19 @@ def test_pretrained_weights_from_a_hub_folder(tmp_path, folder, hub_server, hub_
     train_target(config(folder, model=f"local-dir:{out}", pretrained=True, image_size=32, lr=0.0, steps=1,
                         method="base", workers=0, output=str(again)))  # fmt: skip
     assert torch.equal(load_file(again / "model.safetensors")["conv1.weight"], trained["conv1.weight"])
+
+
+def test_photo_folder_writes_real_photos_of_varied_sizes(tmp_path):
+    """train/photo_folder.py: 10 class folders per split, colour and grayscale JPEGs of many sizes, the same files
+    from the same seed."""
+    from train.photo_folder import PHOTOS, write_photo_folder
+
+    first = write_photo_folder(tmp_path / "a", train_per_class=3, test_per_class=1)
+    again = write_photo_folder(tmp_path / "b", train_per_class=3, test_per_class=1)
+    for split, count in (("train", 3), ("test", 1)):
+        assert sorted(d.name for d in (first / split).iterdir()) == sorted(PHOTOS)
+        assert all(len(list((first / split / c).glob("*.jpg"))) == count for c in PHOTOS)
+    files = sorted(first.rglob("*.jpg"))
+    images = [Image.open(f) for f in files]
+    assert {im.mode for im in images} == {"L", "RGB"} and len({im.size for im in images}) > 30
+    assert all(f.read_bytes() == (again / f.relative_to(first)).read_bytes() for f in files)

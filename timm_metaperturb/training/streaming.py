@@ -121,7 +121,7 @@ class ReferenceTransform:
     aug: Augmentation
 
     def __call__(self, image, draws: CropFlip | None) -> torch.Tensor:
-        pixels = _resize(torch.from_numpy(np.ascontiguousarray(as_array(image)))[None], self.size)
+        pixels = _resize(torch.from_numpy(np.array(as_array(image)))[None], self.size)  # a writable copy
         if draws is not None:
             pixels = crop_flip(pixels, draws, self.aug)
         return normalise(pixels[0], self.aug)
