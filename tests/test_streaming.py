@@ -58,17 +58,18 @@ def test_streamed_batches_equal_the_in_memory_ones(folder):
 
 
 def test_timm_transforms_are_drawn_per_image_from_the_seed(folder):
-    """timm's random-resized crop and flip: the same batches with and without workers and split over processes;
-    another seed draws others; evaluation is timm's deterministic transform of the model's config."""
+    """timm's random-resized crop, flip and RandAugment: the same batches with and without workers and split over
+    processes; another seed draws others; evaluation is timm's deterministic transform of the model's config."""
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    cfg = config(folder, augment="timm", model="resnet18", image_size=32)
+    timm_cfg = dict(augment="timm", model="resnet18", image_size=32, auto_augment="rand-m9-mstd0.5")
+    cfg = config(folder, **timm_cfg)
     train, test = prepare_data(cfg)
-    no_workers, _ = prepare_data(config(folder, augment="timm", model="resnet18", image_size=32, workers=0))
+    no_workers, _ = prepare_data(config(folder, **timm_cfg, workers=0))
     a, b = batches(cfg, train, 3), batches(cfg, no_workers, 3)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b, strict=True))
-    other = batches(config(folder, augment="timm", model="resnet18", image_size=32, seed=1), train, 1)
+    other = batches(config(folder, **timm_cfg, seed=1), train, 1)
     assert not torch.equal(other[0][0], a[0][0])
     shares = [batches(cfg, train, 1, rank, 2)[0][0] for rank in (0, 1)]
     assert torch.equal(torch.cat(shares), a[0][0])

@@ -129,9 +129,9 @@ class ReferenceTransform:
 
 @dataclass(frozen=True)
 class SeededTransform:
-    """A torchvision-style transform (timm's) applied to the RGB image with Python's and torch's generators seeded
-    from the item's seed, their states restored afterwards (so that a loader without workers leaves the training's
-    random state alone)."""
+    """A torchvision-style transform (timm's) applied to the RGB image with Python's, NumPy's and torch's generators
+    seeded from the item's seed (timm's transforms draw from all three), their states restored afterwards (so that a
+    loader without workers leaves the training's random state alone)."""
 
     transform: Callable
 
@@ -141,14 +141,16 @@ class SeededTransform:
         image = image.convert("RGB")
         if seed is None:
             return self.transform(image)
-        state = random.getstate()
+        states = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
                 random.seed(seed)
+                np.random.seed(seed % 2**32)
                 torch.manual_seed(seed)
                 return self.transform(image)
         finally:
-            random.setstate(state)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def timm_data_config(model: torch.nn.Module, image_size: int) -> dict:
