@@ -130,6 +130,13 @@ def test_pretrained_weights_from_a_hub_folder(tmp_path, folder, hub_server, hub_
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["pretrained_cfg"]["mean"] == [0.1, 0.2, 0.3] and config_json["num_classes"] == 4
 
+    missing = [*command[: command.index("hf-hub:someone/resnet18-test")], "hf-hub:someone/nothing-here",
+               *command[command.index("hf-hub:someone/resnet18-test") + 1 :]]  # fmt: skip
+    failed = subprocess.run(missing, capture_output=True, text=True, env={**os.environ, **hub_env})
+    assert failed.returncode != 0 and "--pretrained could not load the weights of hf-hub:someone/nothing-here" in (
+        failed.stderr
+    )
+
     # a trained network's folder (with MetaPerturb's files beside it) is a pretrained backbone too: its weights
     again = tmp_path / "again"
     train_target(config(folder, model=f"local-dir:{out}", pretrained=True, image_size=32, lr=0.0, steps=1,

@@ -194,7 +194,15 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
     methods = cfg.methods()
     if not cfg.model.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(cfg.model):
         raise ValueError(f"unknown model '{cfg.model}': pass a timm model name (see timm.list_models())")
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
+    except Exception as e:  # the Hub's errors for a missing connection, repository or file
+        if not cfg.pretrained:
+            raise
+        raise ValueError(
+            f"--pretrained could not load the weights of {cfg.model} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+            "connect to the Hugging Face Hub, or pass --model local-dir:FOLDER (config.json and model.safetensors)"
+        ) from e
     if cfg.init_from:
         load_initial_weights(model, cfg.init_from)
     check_image_size(model, cfg)
