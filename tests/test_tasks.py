@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from timm_metaperturb.training.tasks import make_tasks, parse_classes, tasks_of_rank
+from timm_metaperturb.training.data import share_of_rank
+from timm_metaperturb.training.tasks import make_tasks, parse_classes
 
 LABELS = torch.arange(10).repeat_interleave(30)
 
@@ -63,8 +64,8 @@ def test_bad_splits_fail_before_training():
         make_tasks(LABELS, num_groups=1, classes=[0, 12])
 
 
-def test_tasks_spread_over_processes():
+def test_tasks_and_batches_spread_over_processes():
     for tasks, world in ((10, 1), (10, 2), (10, 3), (6, 4), (2, 2)):
-        ranks = [tasks_of_rank(tasks, r, world) for r in range(world)]
+        ranks = [list(range(tasks)[share_of_rank(tasks, r, world)]) for r in range(world)]
         assert [t for r in ranks for t in r] == list(range(tasks))
         assert max(map(len, ranks)) - min(map(len, ranks)) <= 1

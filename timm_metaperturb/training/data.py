@@ -282,6 +282,14 @@ class EpochSampler:
         self.order, self.position = state["order"], state["position"]
 
 
+def share_of_rank(n: int, rank: int, world_size: int) -> slice:
+    """A process's contiguous share of n items (a batch's images, meta-training's tasks): shares differ by at most
+    one."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 def seed_for(*parts: object) -> int:
     """A 63-bit seed from any tuple of values, the same in every process."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1

@@ -35,10 +35,11 @@ from .data import (
     load_image_dataset,
     normalise,
     seed_for,
+    share_of_rank,
     to_tensors,
 )
 from .provenance import machine
-from .tasks import Task, make_tasks, parse_classes, tasks_of_rank
+from .tasks import Task, make_tasks, parse_classes
 
 
 @dataclass
@@ -269,7 +270,7 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     data, tasks = source_tasks(cfg)
     phi = initial_phi(cfg).to(accelerator.device)
     phi_optimizer = torch.optim.Adam(phi.parameters(), lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
-    local = tasks_of_rank(len(tasks), accelerator.process_index, accelerator.num_processes)
+    local = list(range(len(tasks))[share_of_rank(len(tasks), accelerator.process_index, accelerator.num_processes)])
     runners = [TaskRunner(tasks[i], data, cfg, phi, accelerator.device) for i in local]
     for p in phi.parameters():
         p.grad = torch.zeros_like(p)

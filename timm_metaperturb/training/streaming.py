@@ -25,7 +25,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Augmentation, CropFlip, EpochSampler, _resize, crop_flip, draw_crop_flip, normalise, seed_for
+from .data import (
+    Augmentation,
+    CropFlip,
+    EpochSampler,
+    _resize,
+    crop_flip,
+    draw_crop_flip,
+    normalise,
+    seed_for,
+    share_of_rank,
+)
 
 TRANSFORMS = ("reference", "timm")
 
@@ -191,7 +201,7 @@ class TrainKeys:
     def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.steps):
             idx, draws = next_global(self.sampler, self.kind, self.aug, self.seed, step)
-            part = shard(len(idx), self.rank, self.world_size)
+            part = share_of_rank(len(idx), self.rank, self.world_size)
             own = range(part.start, part.stop)
             yield [(int(idx[j]), draws[j : j + 1] if isinstance(draws, CropFlip) else draws[j]) for j in own]
 
@@ -203,13 +213,6 @@ def next_global(sampler: EpochSampler, kind: str, aug: Augmentation, seed: int, 
     if kind == "reference":
         return idx, draw_crop_flip(len(idx), aug, sampler.generator)
     return idx, [seed_for(seed, "augment", step, j) % 2**63 for j in range(len(idx))]
-
-
-def shard(n: int, rank: int, world_size: int) -> slice:
-    """A process's contiguous share of a global batch of n (sizes differ by at most one)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 def loader(images: StreamedImages, batches, workers: int) -> DataLoader:

@@ -41,7 +41,7 @@ from ..sites import SiteModule
 from ..state_dicts import mismatch_report
 from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
-from .data import Augmentation, EpochSampler, ImageTensors, crop_flip, normalise, seed_for
+from .data import Augmentation, EpochSampler, ImageTensors, crop_flip, normalise, seed_for, share_of_rank
 from .evaluation import (
     ReestimationBatches,
     evaluate_modes,
@@ -57,7 +57,6 @@ from .streaming import (
     TrainKeys,
     loader,
     next_global,
-    shard,
     timm_data_config,
     timm_transforms,
 )
@@ -304,7 +303,7 @@ class TrainBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx, draws = next_global(self.sampler, self.kind, self.aug, self.seed, self.step)
         self.step += 1
-        part = shard(len(idx), self.rank, self.world_size)
+        part = share_of_rank(len(idx), self.rank, self.world_size)
         if self.stream is None:
             images = crop_flip(self.train.images[idx[part]], draws[part], self.aug)
             return normalise(images.to(self.device), self.aug), self.train.labels[idx[part]].to(self.device)

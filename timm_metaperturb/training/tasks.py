@@ -115,10 +115,3 @@ def parse_classes(text: str | None) -> list[int] | None:
         lo, _, hi = part.strip().partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
-
-
-def tasks_of_rank(num_tasks: int, rank: int, world_size: int) -> list[int]:
-    """The tasks a process runs: contiguous, as even as possible (counts differ by at most one)."""
-    base, extra = divmod(num_tasks, world_size)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (rank < extra)))
