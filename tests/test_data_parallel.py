@@ -39,10 +39,29 @@ def weights(folder) -> dict:
     return {**load_file(folder / "model.safetensors"), **load_file(folder / "metaperturb.safetensors")}
 
 
+def test_a_process_draws_the_noise_one_process_draws_for_its_images():
+    """With `first_image`, φ on the last images of a batch draws the eps that φ on the whole batch draws for them
+    (from the same seed); without it, the eps of a batch's first images."""
+    from dataclasses import replace
+
+    from conftest import strong_phi
+
+    from timm_metaperturb.phi.module import RunMode
+
+    phi, x, mode = strong_phi(), torch.randn(8, 16, 6, 6), RunMode(components=("noise",))
+    torch.manual_seed(3)
+    whole = phi(x, mode=mode, training=True)
+    torch.manual_seed(3)
+    part = phi(x[5:], mode=replace(mode, first_image=5), training=True)
+    torch.testing.assert_close(part, whole[5:], rtol=1e-6, atol=1e-6)
+    torch.manual_seed(3)
+    assert not torch.allclose(phi(x[5:], mode=mode, training=True), whole[5:], atol=1e-3)
+
+
 def test_synchronised_statistics_train_the_one_process_network(tmp_path):
-    """Same global batch, batch norm's and φ's statistics over both processes (φ's noise off, so that nothing is
-    drawn per process): every weight and statistic ends within 1e-5 of the one-process run's."""
-    flags = ["--phi-components", "scale", "--sync-stats"]
+    """Same global batch, batch norm's and φ's statistics over both processes, φ's noise drawn for each image as one
+    process draws it: every weight and statistic ends within 1e-5 of the one-process run's."""
+    flags = ["--sync-stats"]
     for processes in (1, 2):
         result = subprocess.run([*launch(processes), *job(tmp_path / str(processes), *flags)], capture_output=True,
                                 text=True)  # fmt: skip
@@ -54,7 +73,7 @@ def test_synchronised_statistics_train_the_one_process_network(tmp_path):
     run = json.loads((tmp_path / "2" / "run.json").read_text())
     assert run["world_size"] == 2 and run["data"]["train"] == 100
     unsynchronised = tmp_path / "per-process"
-    subprocess.run([*launch(2), *job(unsynchronised, "--phi-components", "scale")], check=True, capture_output=True)
+    subprocess.run([*launch(2), *job(unsynchronised)], check=True, capture_output=True)
     apart = weights(unsynchronised)
     assert any((apart[k] - one[k]).abs().max() > 1e-4 for k in one), "each process's own statistics differ"
 

@@ -52,7 +52,8 @@ HELP = {
     "workers": "loader worker processes per training process when streaming (default: up to 8 CPU cores)",
     "skip_unreadable": "leave unreadable image files out (with a warning naming each) instead of stopping",
     "sync_stats": "with several processes: batch norm's and φ's batch statistics over the global batch (like "
-    "SyncBatchNorm); default: each process's own",
+    "SyncBatchNorm) and φ's noise as one process draws it, so N processes train the network one process would; "
+    "default: each process's own statistics and noise",
     "grad_accum": "split each step's batch over this many forwards (gradient accumulation); --batch-size stays the "
     "images per optimizer step",
     "mixed_precision": "no, bf16 or fp16 (autocast; default: what accelerate launch was given)",

@@ -52,6 +52,9 @@ class RunMode:
     # the backward draws eps again from its seed rather than keeping u, a feature map per site; None: where
     # drawing is cheap (the fused kernels, accelerators), not with torch operators on a CPU
     redraw_noise: bool | None = None
+    # one process's part of a data-parallel batch with synchronised statistics: the place of its first image in the
+    # global batch, so that eps is what one process draws for those images (`global_batch_noise`)
+    first_image: int = 0
 
     def __post_init__(self) -> None:
         if self.eval_noise not in EVAL_NOISE:
@@ -63,6 +66,21 @@ class RunMode:
 
 
 DEFAULT_MODE = RunMode()
+
+
+def global_batch_noise(
+    x: torch.Tensor, seed: torch.Tensor | int, first_image: int, fused: bool, site: str
+) -> torch.Tensor:
+    """The eps the fused kernels draw from `seed` for images first_image to first_image + B of a batch (x holds B):
+    the counter-based generator keys eps by the image's place in the batch, so the images before are drawn too and
+    left out (a cost that grows with the process's rank)."""
+    if not fused:
+        raise RuntimeError(
+            f"MetaPerturb at site '{site}': noise matching one process's across processes (synchronised statistics) "
+            "needs φ's fused kernels: keep RunMode.fused_kernels on, with a C++ compiler on CPUs"
+        )
+    ahead = x.new_empty((first_image + x.shape[0], *x.shape[1:])).contiguous(memory_format=fused_ops.layout(x))
+    return fused_ops.normal_noise_like(ahead, seed)[first_image:]
 
 
 class EquivariantConv2d(nn.Module):
@@ -286,6 +304,8 @@ class MetaPerturb(
                         "the deterministic evaluation, after timm_metaperturb.finalize_for_inference(model, batches) "
                         "and model.eval()"
                     )
+                if noise is None and mode.first_image:
+                    noise = global_batch_noise(x, fused_ops.draw_seed(x, fused), mode.first_image, fused, site)
                 cheap_draw = fused or x.device.type != "cpu"
                 redraw = noise is None and (cheap_draw if mode.redraw_noise is None else mode.redraw_noise)
                 # eps given, or a seed drawn from torch's generator: the fused kernels draw eps from it, torch

@@ -364,7 +364,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
     aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg))
     train, test = prepare_data(cfg, model, aug, selected)
-    if world > 1:  # each process draws its own noise (and masks, and mixing), like dropout under data parallelism
+    synchronised_noise = world > 1 and cfg.sync_stats and "metaperturb" in attached
+    if world > 1 and not cfg.sync_stats:  # each process its own noise (and masks, and mixing), like dropout
         torch.manual_seed(seed_for(cfg.seed, "process", rank))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -395,7 +396,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
         state = load_checkpoint_file(checkpoint / STATE_FILE)
         check_resumable(state["config"], cfg, checkpoint)
         restore_training_state(state, model, optimizer, scheduler, sampler, str(device))
-        if world > 1:
+        if world > 1 and not cfg.sync_stats:
             torch.manual_seed(seed_for(cfg.seed, "process", rank, state["step"]))
         history, strengths, start, elapsed = state["history"], state["strengths"], state["step"], state["elapsed"]
         accelerator.print(f"resuming from {checkpoint} at step {start} of {cfg.steps}")
@@ -413,7 +414,11 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
         x_all, y_all = batches.next()
         optimizer.zero_grad(set_to_none=True)
         pieces = list(zip(x_all.tensor_split(cfg.grad_accum), y_all.tensor_split(cfg.grad_accum), strict=True))
+        first = share_of_rank(sampler.batch_size, rank, world).start
         for i, (x, y) in enumerate(pieces):
+            if synchronised_noise:  # eps as one process draws it for these images of the global batch
+                injection = attached[ATTRIBUTE]
+                injection.mode = replace(injection.mode, first_image=first + sum(len(p[1]) for p in pieces[:i]))
             last = i == len(pieces) - 1
             with nullcontext() if last or world == 1 else accelerator.no_sync(wrapped), synchronised(cfg.sync_stats):
                 with accelerator.autocast():
@@ -437,7 +442,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
             rate, tick, seen = seen / (time.time() - tick), time.time(), 0
             bar.set_postfix(loss=f"{loss.item():.3f}", images_per_s=f"{rate:.0f}")
         if main and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            probs = test_proba(cfg.eval_passes)
+            with torch.random.fork_rng(devices=[]) if world > 1 else nullcontext():  # the processes stay in step
+                probs = test_proba(cfg.eval_passes)
             history.append({"step": step + 1, "train_loss": loss.item(), **classification_metrics(probs, test.labels)})
             tick, seen = time.time(), 0  # the rate leaves the evaluation out
             bar.write(f"step {step + 1}: test accuracy {history[-1]['accuracy']:.2f}%")
@@ -452,6 +458,8 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
                 })  # fmt: skip
             accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()
+    if synchronised_noise:
+        attached[ATTRIBUTE].mode = replace(attached[ATTRIBUTE].mode, first_image=0)
     run = None
     if main:
         run = _finish(cfg, command, model, attached, train, test, aug, history, strengths, loss,
