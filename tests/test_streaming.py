@@ -57,6 +57,17 @@ def test_streamed_batches_equal_the_in_memory_ones(folder):
             assert torch.equal(torch.cat([shares[0][step][0], shares[1][step][0]]), whole[step][0])
 
 
+def test_auto_streams_what_would_not_fit_in_memory(folder, monkeypatch):
+    """--loader auto holds the paper's transform in memory, and streams once the decoded images would pass the
+    memory budget, or with timm's transforms."""
+    import timm_metaperturb.training.target as target
+
+    assert not isinstance(prepare_data(config(folder, loader="auto"))[0], StreamedImages)
+    assert isinstance(prepare_data(config(folder, loader="auto", augment="timm"))[0], StreamedImages)
+    monkeypatch.setattr(target, "MEMORY_BUDGET", 96 * 3 * 16 * 16 - 1)  # one byte short of the folder's images
+    assert isinstance(prepare_data(config(folder, loader="auto"))[0], StreamedImages)
+
+
 def test_timm_transforms_are_drawn_per_image_from_the_seed(folder):
     """timm's random-resized crop, flip and RandAugment: the same batches with and without workers and split over
     processes; another seed draws others; evaluation is timm's deterministic transform of the model's config."""
