@@ -68,7 +68,7 @@ HELP = {
     "final_passes": "Monte-Carlo passes of stochastic methods at the final evaluation",
     "eval_noise": "MetaPerturb at eval: mean (default: one deterministic pass, batch norm re-estimated in that "
     "mode on the training images first) or sample (Monte-Carlo over --eval-passes / --final-passes passes)",
-    "device": "cpu, cuda or cuda:N",
+    "device": "auto (cuda where there is a GPU, else cpu), cpu, cuda or cuda:N",
     "phi_components": "φ's factors that act: noise,scale (default); noise (the scale s fixed to 1) or scale (the "
     "noise z fixed to 1) for ablations",
     "final_modes": "also report these final evaluations, e.g. 1,10,100,mean,mean-bn (N sampled passes, expected "

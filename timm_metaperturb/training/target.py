@@ -116,7 +116,7 @@ class TargetConfig:
     output: str | None = None  # default: outputs/<dataset>-<method>, see output_dir()
     plots: bool = True
     progress: bool = True
-    device: str = "cpu"
+    device: str = "auto"  # cuda where there is a GPU, else cpu
     channels_last: bool = False
     checkpoint_every: int = 0
     resume: bool = False
@@ -143,6 +143,11 @@ class TargetConfig:
         if "base" in methods and len(methods) > 1:
             raise ValueError("'base' means no regularizer: do not combine it with other methods")
         return [m for m in methods if m != "base"]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def augmentation(self) -> str:
         kind = self.augment or ("timm" if self.pretrained else "reference")
@@ -217,7 +222,7 @@ def build_model(cfg: TargetConfig, num_classes: int) -> tuple[nn.Module, dict[st
         injection = attached[ATTRIBUTE]
         injection.mode = replace(injection.mode, components=cfg.phi_components.split(","))
         set_eval_noise(model, cfg.eval_noise)
-    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    model.to(cfg.torch_device(), memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return model, attached
 
 
@@ -349,16 +354,16 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     from accelerate import Accelerator
 
     started = time.time()
-    if torch.device(cfg.device).type == "cpu":
+    if cfg.torch_device().type == "cpu":
         keep_freed_memory()
     methods, final_modes = cfg.methods(), cfg.final_eval_modes()
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be at least 1 and divide --batch-size {cfg.batch_size}")
     output = cfg.output_dir()
-    accelerator = Accelerator(cpu=torch.device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(cpu=cfg.torch_device().type == "cpu", mixed_precision=cfg.mixed_precision,
                               log_with=cfg.report_to, project_dir=output)  # fmt: skip
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    device = torch.device(cfg.device) if world == 1 else accelerator.device
+    device = cfg.torch_device() if world == 1 else accelerator.device
     selected = select_target_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
