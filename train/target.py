@@ -49,7 +49,8 @@ HELP = {
     "auto_augment": "with --augment timm: timm's auto-augment policy, e.g. rand-m9-mstd0.5 or trivialaugment",
     "loader": "memory (decode every image once and hold them), stream (decode each image in loader workers), or auto "
     "(stream with --augment timm or when the images would take over 2 GiB)",
-    "workers": "loader worker processes per training process when streaming (default: up to 8 CPU cores)",
+    "workers": "loader worker processes per training process when streaming (default: the CPU cores shared out "
+    "among the training processes, at most 8 each)",
     "skip_unreadable": "leave unreadable image files out (with a warning naming each) instead of stopping",
     "sync_stats": "with several processes: batch norm's and φ's batch statistics over the global batch (like "
     "SyncBatchNorm) and φ's noise as one process draws it, so N processes train the network one process would; "

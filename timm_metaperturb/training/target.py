@@ -265,9 +265,11 @@ def prepare_data(
     model: nn.Module | None = None,
     aug: Augmentation | None = None,
     selected: TargetData | None = None,
+    processes: int = 1,
 ) -> tuple:
     """The training and test sets, in memory or streamed (`cfg.loader`; `auto` streams with timm's transforms or
-    when the decoded images would pass MEMORY_BUDGET). timm's transforms follow `model`'s pretrained config."""
+    when the decoded images would pass MEMORY_BUDGET). timm's transforms follow `model`'s pretrained config; the
+    CPU cores are shared out as loader workers among the `processes` that train."""
     if cfg.loader not in LOADERS:
         raise ValueError(f"--loader {cfg.loader!r}: choose from {', '.join(LOADERS)}")
     kind = cfg.augmentation()
@@ -286,7 +288,7 @@ def prepare_data(
         transforms = timm_transforms(model, cfg.image_size, cfg.hflip, cfg.auto_augment)
     else:
         transforms = (ReferenceTransform(cfg.image_size, aug),) * 2
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 1) // processes))
     return selected.materialise(cfg.image_size, True, transforms, workers, cfg.skip_unreadable)
 
 
@@ -368,7 +370,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
     aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg))
-    train, test = prepare_data(cfg, model, aug, selected)
+    train, test = prepare_data(cfg, model, aug, selected, world)
     synchronised_noise = world > 1 and cfg.sync_stats and "metaperturb" in attached
     if world > 1 and not cfg.sync_stats:  # each process its own noise (and masks, and mixing), like dropout
         torch.manual_seed(seed_for(cfg.seed, "process", rank))
