@@ -205,17 +205,6 @@ def normalise(images: torch.Tensor, aug: Augmentation) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-class NormalisedBatches:
-    """uint8 images as normalised float batches on `device`, made afresh on each iteration (so it can be read more
-    than once without holding a float copy of every image)."""
-
-    def __init__(self, images: torch.Tensor, aug: Augmentation, device: torch.device | str, batch_size: int = 512):
-        self.images, self.aug, self.device, self.batch_size = images, aug, device, batch_size
-
-    def __iter__(self):
-        return (normalise(x.to(self.device), self.aug) for x in self.images.split(self.batch_size))
-
-
 @dataclass(frozen=True)
 class CropFlip:
     """One batch's draws of the reference augmentation: where each image's crop starts in its padded copy (`dy`,

@@ -382,8 +382,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     if sampler.batch_size < world * cfg.grad_accum:
         raise ValueError(f"a batch of {sampler.batch_size} cannot be split over {world} processes x --grad-accum "
                          f"{cfg.grad_accum}: use a larger --batch-size")  # fmt: skip
-    stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
-    recalibrated = "metaperturb" in attached and cfg.eval_noise == "mean"
+    stochastic, recalibrated = phi_evaluation(cfg, attached)
     wrapped, optimizer = accelerator.prepare(model, optimizer) if world > 1 else (model, optimizer)
     if world == 1 and cfg.mixed_precision not in (None, "no"):
         optimizer = accelerator.prepare_optimizer(optimizer)
@@ -478,13 +477,19 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     return run
 
 
+def phi_evaluation(cfg: TargetConfig, attached: dict) -> tuple[bool, bool]:
+    """(stochastic, recalibrated): whether MetaPerturb is evaluated by sampled passes, or by one deterministic pass
+    after batch norm's re-estimation."""
+    phi = "metaperturb" in attached
+    return phi and cfg.eval_noise == "sample", phi and cfg.eval_noise == "mean"
+
+
 def _finish(cfg, command, model, attached, train, test, aug, history, strengths, loss, final_modes,
             methods, clock_offset, world) -> dict:  # fmt: skip
     """The final evaluations, the finalized network, run.json, the network's folder and the plots; the wall time
     is `clock_offset` + time.time() at the end."""
     output = cfg.output_dir()
-    stochastic = "metaperturb" in attached and cfg.eval_noise == "sample"
-    recalibrated = "metaperturb" in attached and cfg.eval_noise == "mean"
+    stochastic, recalibrated = phi_evaluation(cfg, attached)
     passes = cfg.final_passes if stochastic else 1
     probs = None if recalibrated else predict_proba(model, test, aug, passes)
     run = {"config": asdict(cfg), "command": command, "methods": methods or ["base"], "world_size": world,
