@@ -176,6 +176,7 @@ def test_run_writes_json_weights_and_plots(tmp_path, phi_dir):
     assert {"accuracy", "nll", "ece"} <= set(saved["final"]) and saved["data"] == {
         "train": 100, "test": 1697, "classes": [str(d) for d in range(10)]}  # fmt: skip
     assert len(saved["scales"]) == 4 and all(0 < s < 1 for v in saved["scales"].values() for s in v)
+    assert saved["threads"] == torch.get_num_threads() and "cores" in saved["machine"], "what reproduces it bit for bit"
     for name in ("convergence.png", "reliability.png", "scales.png"):
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
     assert not any(k.startswith("metaperturb.") for k in timm_state(tmp_path / "run" / "model.safetensors"))

@@ -38,7 +38,7 @@ from .data import (
     share_of_rank,
     to_tensors,
 )
-from .provenance import machine
+from .provenance import machine, run_environment
 from .tasks import Task, make_tasks, parse_classes
 
 
@@ -366,6 +366,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "config": asdict(cfg),
         "command": command,
         "world_size": world_size,
+        **run_environment(),
         "phi_identical_across_processes": identical,
         "wall_time_s": wall_time,
         "tasks": [

@@ -51,6 +51,7 @@ from .evaluation import (
     unfit_warning,
 )
 from .metrics import classification_metrics, reliability_bins
+from .provenance import run_environment
 from .streaming import (
     TRANSFORMS,
     ReferenceTransform,
@@ -493,6 +494,7 @@ def _finish(cfg, command, model, attached, train, test, aug, history, strengths,
     passes = cfg.final_passes if stochastic else 1
     probs = None if recalibrated else predict_proba(model, test, aug, passes)
     run = {"config": asdict(cfg), "command": command, "methods": methods or ["base"], "world_size": world,
+           **run_environment(),
            "data": {"train": len(train), "test": len(test), "classes": train.class_names}}  # fmt: skip
     if final_modes:  # on the trained network, before it is finalized
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
