@@ -15,14 +15,12 @@ from pathlib import Path
 from timm_metaperturb import load_phi
 from timm_metaperturb.phi import MetaPerturb
 
-NOISE_PREFIXES = ("noise1.", "noise2.")  # the noise generator's parameters; the rest of the state is the scale's
-
 
 def mixture(noise: MetaPerturb, scale: MetaPerturb) -> MetaPerturb:
     """A φ with `noise`'s noise generator and `scale`'s scale function (and its settings and running statistics)."""
     if {k: v.shape for k, v in noise.state_dict().items()} != {k: v.shape for k, v in scale.state_dict().items()}:
         raise ValueError("the two φs have different parameters: both must be MetaPerturb of the same form")
-    state = scale.state_dict() | {k: v for k, v in noise.state_dict().items() if k.startswith(NOISE_PREFIXES)}
+    state = scale.state_dict() | {k: v for k, v in noise.state_dict().items() if noise.is_noise_parameter(k)}
     mixed = MetaPerturb(**scale.config)
     mixed.load_state_dict(state)
     return mixed

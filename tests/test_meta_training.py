@@ -68,6 +68,16 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
     assert changed.returncode != 0 and "other settings" in changed.stderr and "'seed': (0, 5)" in changed.stderr
 
 
+def test_phi_scale_lr_sets_the_scale_functions_rate_alone(tmp_path, images):
+    run = run_python(["train/meta.py", "--dataset", images, *TINY, "--steps", "3", "--phi-scale-lr", "0",
+                      "--output", tmp_path / "out"])  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    phi, start = _phi(tmp_path / "out"), initial_phi(MetaTrainConfig(image_size=16)).state_dict()
+    noise = [k for k in phi if MetaPerturb().is_noise_parameter(k)]
+    assert noise and all(torch.equal(phi[k], start[k]) for k in phi if k not in noise), "scale lr 0: scale unmoved"
+    assert max((phi[k] - start[k]).abs().max().item() for k in noise) > 1e-4, "the noise generator still learns"
+
+
 def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):
     from accelerate import Accelerator
 

@@ -155,6 +155,8 @@ class MetaPerturb(
         momentum: momentum of the per-site running statistics (as in batch norm).
     """
 
+    NOISE_MODULES = ("noise1", "noise2")  # the noise generator; every other parameter is the scale function's
+
     def __init__(
         self,
         h_dim: int = 4,
@@ -184,6 +186,10 @@ class MetaPerturb(
         """The paper's initialisation: every parameter ~ N(0, 0.01^2)."""
         for p in self.parameters():
             nn.init.normal_(p, std=0.01)
+
+    def is_noise_parameter(self, name: str) -> bool:
+        """Whether the parameter or state entry `name` belongs to the noise generator (else to the scale function)."""
+        return name.split(".")[0] in self.NOISE_MODULES
 
     @property
     def config(self) -> dict:

@@ -62,6 +62,7 @@ class MetaTrainConfig:
     weight_decay: float = 5e-4
     phi_lr: float = 1e-3
     phi_weight_decay: float = 5e-4
+    phi_scale_lr: float | None = None  # the scale function's learning rate; default phi_lr
     clip: float = 100.0
     channel_norm: float = 64.0
     spatial_norm: float | None = None
@@ -260,6 +261,19 @@ def initial_phi(cfg: MetaTrainConfig) -> MetaPerturb:
     return MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size)
 
 
+def phi_parameter_groups(phi: MetaPerturb, cfg: MetaTrainConfig) -> list[dict]:
+    """φ's parameters for its optimizer: one group, or the noise generator's and the scale function's apart when
+    the scale function has its own learning rate (meta-training on letters moves the noise and leaves the scale
+    near its initialisation)."""
+    if cfg.phi_scale_lr is None:
+        return [{"params": list(phi.parameters())}]
+    named = list(phi.named_parameters())
+    return [
+        {"params": [p for n, p in named if phi.is_noise_parameter(n)]},
+        {"params": [p for n, p in named if not phi.is_noise_parameter(n)], "lr": cfg.phi_scale_lr},
+    ]
+
+
 def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPerturb:
     """Run (or resume) meta-training; on the main process, write `output/phi` (hub format) and `output/run.json`."""
     _check_model(cfg.model)
@@ -269,7 +283,7 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     output = Path(cfg.output)
     data, tasks = source_tasks(cfg)
     phi = initial_phi(cfg).to(accelerator.device)
-    phi_optimizer = torch.optim.Adam(phi.parameters(), lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
+    phi_optimizer = torch.optim.Adam(phi_parameter_groups(phi, cfg), lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
     local = list(range(len(tasks))[share_of_rank(len(tasks), accelerator.process_index, accelerator.num_processes)])
     runners = [TaskRunner(tasks[i], data, cfg, phi, accelerator.device) for i in local]
     for p in phi.parameters():
