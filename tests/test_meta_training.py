@@ -78,6 +78,26 @@ def test_phi_scale_lr_sets_the_scale_functions_rate_alone(tmp_path, images):
     assert max((phi[k] - start[k]).abs().max().item() for k in noise) > 1e-4, "the noise generator still learns"
 
 
+def test_init_phi_starts_from_that_phi_and_refuses_one_made_otherwise(tmp_path, images):
+    first = run_python(["train/meta.py", "--dataset", images, *TINY, "--steps", "2", "--output", tmp_path / "a"])
+    assert first.returncode == 0, first.stderr
+    cfg = MetaTrainConfig(image_size=16, init_phi=str(tmp_path / "a" / "phi"))
+    start, fresh = initial_phi(cfg).state_dict(), initial_phi(MetaTrainConfig(image_size=16)).state_dict()
+    made = _phi(tmp_path / "a")
+    assert all(torch.equal(start[k], made[k]) for k in made)
+    assert not torch.equal(start["scale_fc.weight"], fresh["scale_fc.weight"])
+    go_on = run_python(["train/meta.py", "--dataset", images, *TINY, "--steps", "1", "--phi-scale-lr", "0",
+                        "--init-phi", tmp_path / "a" / "phi", "--output", tmp_path / "b"])  # fmt: skip
+    assert go_on.returncode == 0, go_on.stderr
+    after = _phi(tmp_path / "b")
+    assert all(torch.equal(after[k], made[k]) for k in made if not MetaPerturb().is_noise_parameter(k))
+    assert "meta-training started from the φ" in (tmp_path / "b" / "phi" / "README.md").read_text()
+
+    other = run_python(["train/meta.py", "--dataset", images, *TINY, "--steps", "1", "--image-size", "32",
+                        "--init-phi", tmp_path / "a" / "phi", "--output", tmp_path / "c"])  # fmt: skip
+    assert other.returncode != 0 and "'spatial_norm': (16.0, 32.0)" in other.stderr
+
+
 def test_train_per_class_meta_trains_on_that_many_images(tmp_path, images):
     from accelerate import Accelerator
 

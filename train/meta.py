@@ -40,6 +40,8 @@ HELP = {
     "model": "source network: any timm CNN name, e.g. resnet20, conv4, resnet18",
     "spatial_norm": "s_norm of φ (default: the image size)",
     "phi_scale_lr": "learning rate of φ's scale function alone (default: --phi-lr for all of φ)",
+    "init_phi": "start from this φ (a folder, .safetensors or .pth file, packaged name or Hub id) instead of the "
+    "paper's initialisation",
     "checkpoint_every": "save a resumable checkpoint every N steps (0: never)",
     "report_to": "an Accelerate tracker (tensorboard, wandb, ...) to log to",
     "cpu": "run on the CPU even where a GPU is available",

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..injection import get_injection, inject_metaperturb
+from ..loading import load_phi
 from ..phi import MetaPerturb
 from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
@@ -63,6 +64,7 @@ class MetaTrainConfig:
     phi_lr: float = 1e-3
     phi_weight_decay: float = 5e-4
     phi_scale_lr: float | None = None  # the scale function's learning rate; default phi_lr
+    init_phi: str | None = None  # start from this φ (anything `load_phi` takes) instead of the paper's initialisation
     clip: float = 100.0
     channel_norm: float = 64.0
     spatial_norm: float | None = None
@@ -256,9 +258,21 @@ def _validate_on_split(data: ImageTensors, tasks: list[Task], other, cfg: MetaTr
 
 
 def initial_phi(cfg: MetaTrainConfig) -> MetaPerturb:
-    """φ before its first step: the paper's initialisation, drawn from the run's seed."""
+    """φ before its first step: the paper's initialisation drawn from the run's seed, or a copy of `cfg.init_phi`
+    (to go on learning what one φ learned, e.g. with another source or another rate for its scale function)."""
     torch.manual_seed(seed_for(cfg.seed, "phi"))
-    return MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size)
+    phi = MetaPerturb(clip=cfg.clip, channel_norm=cfg.channel_norm, spatial_norm=cfg.spatial_norm or cfg.image_size)
+    if cfg.init_phi is None:
+        return phi
+    start = load_phi(cfg.init_phi)
+    differ = {k: (v, phi.config[k]) for k, v in start.config.items() if k != "momentum" and v != phi.config[k]}
+    if differ:
+        raise ValueError(
+            f"--init-phi {cfg.init_phi} was built with other settings than this run, (its, this run's): {differ}; "
+            "pass the same --clip, --channel-norm and --spatial-norm (or --image-size) as the φ was made with"
+        )
+    phi.load_state_dict(start.state_dict())
+    return phi
 
 
 def phi_parameter_groups(phi: MetaPerturb, cfg: MetaTrainConfig) -> list[dict]:
@@ -367,6 +381,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "source_classes": " + ".join(s[1] or "all" for s in sources),
         "train_per_class": cfg.train_per_class,
         "val_split": cfg.val_split,
+        "init_phi": cfg.init_phi,
         "tasks": len(tasks),
         "source_model": cfg.model,
         "steps": cfg.steps,
