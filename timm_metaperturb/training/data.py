@@ -2,7 +2,8 @@
 
 `load_image_dataset` returns a `datasets.Dataset` with an `image` and a `label` column from a Hub dataset name,
 a local image folder, or an offline built-in: `fashion_mnist` (Debian's `dataset-fashion-mnist` files),
-`digits` (scikit-learn's 8x8 digits) and `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`).
+`digits` (scikit-learn's 8x8 digits), `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`) and
+`shapes` (coloured shapes and patterns drawn procedurally, `shapes.py`).
 `to_tensors` turns it into one uint8 tensor of 3-channel images at a fixed size, and `augment` makes training
 batches from it on the fly (random crop with padding, horizontal flip, normalisation), driven by an explicit
 generator so that runs are reproducible and resumable.
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from ..hub import missing_local_path
+from . import shapes
 from .glyphs import builtin_names, render_builtin
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-BUILTINS = ("fashion_mnist", "digits", *builtin_names())
+BUILTINS = ("fashion_mnist", "digits", *builtin_names(), shapes.NAME)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -68,10 +70,12 @@ def _digits(split: str):
 
 
 def _array_dataset(images: np.ndarray, labels: np.ndarray, class_names: list[str]):
-    """A `datasets.Dataset` of equal-sized grayscale uint8 images (N, H, W) and their class labels."""
+    """A `datasets.Dataset` of equal-sized uint8 images, grayscale (N, H, W) or colour (N, H, W, 3), and their
+    class labels."""
+    array = datasets.Array2D if images.ndim == 3 else datasets.Array3D
     features = datasets.Features(
         {
-            "image": datasets.Array2D(shape=images.shape[1:], dtype="uint8"),
+            "image": array(shape=images.shape[1:], dtype="uint8"),
             "label": datasets.ClassLabel(names=class_names),
         }
     )
@@ -93,7 +97,7 @@ def _standardise_columns(ds, name: str):
 def load_image_dataset(name: str, split: str = "train"):
     """A `datasets.Dataset` with `image` and `label` (a ClassLabel) columns.
 
-    `name` is a built-in (`fashion_mnist`, `digits`, `glyphs-<script>`), a local folder of images in one
+    `name` is a built-in (`fashion_mnist`, `digits`, `glyphs-<script>`, `shapes`), a local folder of images in one
     sub-folder per class (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the
     first time).
     """
@@ -103,6 +107,8 @@ def load_image_dataset(name: str, split: str = "train"):
         return _digits(split)
     if name.startswith("glyphs-"):
         return _array_dataset(*render_builtin(name, split))
+    if name == shapes.NAME:
+        return _array_dataset(*shapes.render_split(split))
     if os.path.isdir(name):
         check_class_folders(Path(name))
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
