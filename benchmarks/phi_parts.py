@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     mixed = mixture(load_phi(args.noise), load_phi(args.scale))
-    mixed.provenance = {"title": f"noise of {args.noise}, scale of {args.scale}"}
+    mixed.provenance = {
+        "title": f"noise of {args.noise}, scale of {args.scale}",
+        "origin": f"the noise generator of {args.noise} and the scale function of {args.scale}, as they were",
+        "command": f"python -m benchmarks.phi_parts --noise {args.noise} --scale {args.scale} --output {args.output}",
+    }
     mixed.save_pretrained(args.output)
     print(f"wrote {args.output}")
 

@@ -41,6 +41,7 @@ def test_phi_parts_takes_the_noise_of_one_and_the_scale_of_the_other(tmp_path):
     stats = mixed.channel_statistics(h, None)
     torch.testing.assert_close(mixed.scale(*stats, 8), scaling.scale(*stats, 8))
     assert not torch.allclose(mixed.scale(*stats, 8), noisy.scale(*stats, 8))
+    assert f"--scale {tmp_path / 's'}" in (tmp_path / "mixed" / "README.md").read_text(), "the card says how"
     with pytest.raises(ValueError, match="same form"):
         mixture(noisy, MetaPerturb(h_dim=2))
 
