@@ -21,6 +21,7 @@ TEST_PER_CLASS = 30
 SHAPES = ("triangle", "square", "pentagon", "hexagon", "circle", "star", "cross", "crescent")
 FILLS = ("solid", "stripes", "checks", "outline")
 NAME = "shapes"
+_Y, _X = np.mgrid[0 : CANVAS * SUPERSAMPLE, 0 : CANVAS * SUPERSAMPLE].astype(float)  # pixel coordinates of a mask
 
 
 def class_names() -> list[str]:
@@ -69,10 +70,8 @@ def _pattern(fill: str, mask: Image.Image, rng: np.random.Generator) -> Image.Im
     if fill == "outline":
         width = 2 * int(rng.integers(3, 6)) * SUPERSAMPLE + 1
         return ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(width)))
-    size = CANVAS * SUPERSAMPLE
-    y, x = np.mgrid[0:size, 0:size].astype(float)
     t = rng.uniform(0, np.pi)
-    u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+    u, v = _X * np.cos(t) + _Y * np.sin(t), -_X * np.sin(t) + _Y * np.cos(t)
     period = rng.uniform(8, 13) * SUPERSAMPLE
     on = (u % period) < period / 2
     if fill == "checks":
