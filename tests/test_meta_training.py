@@ -63,6 +63,17 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
     history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
+    short = run_python(["train/meta.py", *common[:-4], "--steps", "2", "--checkpoint-every", "2", "--output",
+                        tmp_path / "short"])  # fmt: skip
+    assert short.returncode == 0, short.stderr
+    longer = [*common, "--output", tmp_path / "longer", "--resume-from", tmp_path / "short" / "checkpoints" / "step_2"]
+    assert run_python(["train/meta.py", *longer]).returncode == 0
+    c = _phi(tmp_path / "longer")
+    assert all(torch.equal(a[k], c[k]) for k in a), "a finished run resumed with more steps is that longer run"
+    too_short = run_python(["train/meta.py", *common[:-4], "--steps", "1", "--output", tmp_path / "y",
+                            "--resume-from", checkpoint])  # fmt: skip
+    assert too_short.returncode != 0 and "past --steps 1" in too_short.stderr
+
     other_seed = [*common, "--seed", "5", "--output", tmp_path / "x", "--resume-from", checkpoint]
     changed = run_python(["train/meta.py", *other_seed])
     assert changed.returncode != 0 and "other settings" in changed.stderr and "'seed': (0, 5)" in changed.stderr

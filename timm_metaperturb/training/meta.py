@@ -80,8 +80,9 @@ class MetaTrainConfig:
     cpu: bool = False
     channels_last: bool = False
 
-    # the settings a resumed run may change: where it writes and what it reports
-    RESUME_FREE = ("output", "checkpoint_every", "resume_from", "log_every", "report_to")
+    # the settings a resumed run may change: where it writes, what it reports, and how long it goes on (nothing in a
+    # meta-training step depends on the total, so a finished run resumed with more steps is that longer run)
+    RESUME_FREE = ("output", "checkpoint_every", "resume_from", "log_every", "report_to", "steps")
 
     def sources(self) -> list[tuple[str, str | None, int]]:
         """(dataset, classes, groups) of every source dataset: `dataset` first, then each of `extra_sources`."""
@@ -364,6 +365,8 @@ def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> t
         raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
     state = load_checkpoint_file(path / STATE_FILE)
     check_resumable(state["config"], cfg, path)
+    if state["step"] > cfg.steps:
+        raise ValueError(f"{path} is at step {state['step']}, past --steps {cfg.steps}: resume with at least that many")
     phi.load_state_dict(state["phi"])
     phi_optimizer.load_state_dict(state["phi_optimizer"])
     for runner in runners:
