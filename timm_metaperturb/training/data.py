@@ -3,7 +3,8 @@
 `load_image_dataset` returns a `datasets.Dataset` with an `image` and a `label` column from a Hub dataset name,
 a local image folder, or an offline built-in: `fashion_mnist` (Debian's `dataset-fashion-mnist` files),
 `digits` (scikit-learn's 8x8 digits), `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`) and
-`shapes` (coloured shapes and patterns drawn procedurally, `shapes.py`).
+`shapes` (coloured shapes and patterns drawn procedurally, `shapes.py`) and `photo-patches` (patches of the
+photographs that ship with scikit-image, `photo_patches.py`).
 `to_tensors` turns it into one uint8 tensor of 3-channel images at a fixed size, and `augment` makes training
 batches from it on the fly (random crop with padding, horizontal flip, normalisation), driven by an explicit
 generator so that runs are reproducible and resumable.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +26,15 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from ..hub import missing_local_path
-from . import shapes
+from . import photo_patches, shapes
 from .glyphs import builtin_names, render_builtin
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-BUILTINS = ("fashion_mnist", "digits", *builtin_names(), shapes.NAME)
+DRAWN = {shapes.NAME: shapes.render_split, photo_patches.NAME: photo_patches.render_split}  # drawn from a seed
+BUILTINS = ("fashion_mnist", "digits", *builtin_names(), *DRAWN)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -97,9 +100,9 @@ def _standardise_columns(ds, name: str):
 def load_image_dataset(name: str, split: str = "train"):
     """A `datasets.Dataset` with `image` and `label` (a ClassLabel) columns.
 
-    `name` is a built-in (`fashion_mnist`, `digits`, `glyphs-<script>`, `shapes`), a local folder of images in one
-    sub-folder per class (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name (needs network the
-    first time).
+    `name` is a built-in (`fashion_mnist`, `digits`, `glyphs-<script>`, `shapes`, `photo-patches`), a local
+    folder of images in one sub-folder per class (datasets' `imagefolder` layout), or a Hugging Face Hub dataset name
+    (needs network the first time).
     """
     if name == "fashion_mnist":
         return _fashion_mnist(split)
@@ -107,8 +110,8 @@ def load_image_dataset(name: str, split: str = "train"):
         return _digits(split)
     if name.startswith("glyphs-"):
         return _array_dataset(*render_builtin(name, split))
-    if name == shapes.NAME:
-        return _array_dataset(*shapes.render_split(split))
+    if name in DRAWN:
+        return _array_dataset(*DRAWN[name](split))
     if os.path.isdir(name):
         check_class_folders(Path(name))
         ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
@@ -283,6 +286,26 @@ def share_of_rank(n: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def draw_split(
+    name: str,
+    split: str,
+    per_class: dict[str, int],
+    class_names: list[str],
+    draw: Callable[[int, np.random.Generator], np.ndarray],
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images, labels, class names) of a dataset drawn image by image, `draw(label, rng)` `per_class[split]` times
+    per class, each class from its own seed: a split is the same images on every machine."""
+    if split not in per_class:
+        raise ValueError(f"{name} has the splits {' and '.join(map(repr, per_class))}, not '{split}'")
+    images, labels = [], []
+    for label in range(len(class_names)):
+        rng = np.random.default_rng(seed_for(name, split, seed, label) % 2**63)
+        images += [draw(label, rng) for _ in range(per_class[split])]
+        labels += [label] * per_class[split]
+    return np.stack(images), np.array(labels), class_names
 
 
 def seed_for(*parts: object) -> int:

@@ -16,8 +16,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 CANVAS = 64
 SUPERSAMPLE = 2  # shapes are drawn at twice the size and shrunk, for smooth edges
-TRAIN_PER_CLASS = 40
-TEST_PER_CLASS = 30
+PER_CLASS = {"train": 40, "test": 30}
 SHAPES = ("triangle", "square", "pentagon", "hexagon", "circle", "star", "cross", "crescent")
 FILLS = ("solid", "stripes", "checks", "outline")
 NAME = "shapes"
@@ -108,19 +107,9 @@ def render(shape: str, fill: str, split: str, rng: np.random.Generator) -> np.nd
 
 
 def render_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images (N, CANVAS, CANVAS, 3) uint8, labels (N,), class names) of "train" (TRAIN_PER_CLASS images per
-    class) or "test" (TEST_PER_CLASS), for `load_image_dataset`."""
-    from .data import seed_for
+    """(images (N, CANVAS, CANVAS, 3) uint8, labels (N,), class names) of "train" (flat backgrounds) or "test"
+    (noisy gradients), for `load_image_dataset`."""
+    from .data import draw_split
 
-    if split not in ("train", "test"):
-        raise ValueError(
-            f"{NAME} has the splits 'train' (flat backgrounds) and 'test' (noisy gradients), not '{split}'"
-        )
-    per_class = TRAIN_PER_CLASS if split == "train" else TEST_PER_CLASS
-    images, labels = [], []
-    for label, name in enumerate(class_names()):
-        shape, fill = name.split()
-        rng = np.random.default_rng(seed_for(NAME, split, seed, label) % 2**63)
-        images += [render(shape, fill, split, rng) for _ in range(per_class)]
-        labels += [label] * per_class
-    return np.stack(images), np.array(labels), class_names()
+    names = class_names()
+    return draw_split(NAME, split, PER_CLASS, names, lambda label, rng: render(*names[label].split(), split, rng), seed)
