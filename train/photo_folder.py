@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from timm_metaperturb.command_line import run_main
+from timm_metaperturb.training.photo_patches import photograph
 
 PHOTOS = {  # class: the skimage.data function (a colour or grayscale photo)
     "astronaut": "astronaut", "cat": "chelsea", "coffee": "coffee", "rocket": "rocket",
@@ -26,13 +27,6 @@ PHOTOS = {  # class: the skimage.data function (a colour or grayscale photo)
     "grass": "grass", "gravel": "gravel",
 }  # fmt: skip
 REGIONS = {"train": (0.0, 0.6), "test": (0.65, 1.0)}  # of each photo's width
-
-
-def photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    image = getattr(skimage.data, name)()
-    return image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disparity)
 
 
 def crop(image: np.ndarray, region: tuple[float, float], rng: np.random.Generator) -> Image.Image:
@@ -52,7 +46,7 @@ def write_photo_folder(root: Path, train_per_class: int = 30, test_per_class: in
     """The folder (imagefolder layout with train and test splits); returns root."""
     counts = {"train": train_per_class, "test": test_per_class}
     for index, (label, name) in enumerate(PHOTOS.items()):
-        image = photo(name)
+        image = photograph(name)
         for split, region in REGIONS.items():
             rng = np.random.default_rng([seed, index, split == "test"])
             folder = root / split / label

@@ -33,17 +33,25 @@ def class_names() -> list[str]:
     return [*SKIMAGE_PHOTOS, "motorcycle", *(name.removesuffix(".jpg") for name in SKLEARN_PHOTOS)]
 
 
-@functools.cache
-def photographs() -> tuple[np.ndarray, ...]:
-    """Every class's photograph as RGB uint8 (H, W, 3), in `class_names` order."""
+def photograph(name: str) -> np.ndarray:
+    """One shipped photograph, uint8 (H, W) or (H, W, 3): a `skimage.data` function's name (`stereo_motorcycle`
+    gives its left view) or a scikit-learn sample image (`china.jpg`, `flower.jpg`)."""
+    if name in SKLEARN_PHOTOS:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(name)
     try:
         import skimage.data
     except ImportError as e:
         raise ImportError(f"{NAME} draws from scikit-image's photographs: pip install scikit-image") from e
-    from sklearn.datasets import load_sample_image
+    image = getattr(skimage.data, name)()
+    return image[0] if isinstance(image, tuple) else image
 
-    photos = [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS]
-    photos += [skimage.data.stereo_motorcycle()[0], *(load_sample_image(name) for name in SKLEARN_PHOTOS)]
+
+@functools.cache
+def photographs() -> tuple[np.ndarray, ...]:
+    """Every class's photograph as RGB uint8 (H, W, 3), in `class_names` order."""
+    photos = map(photograph, (*SKIMAGE_PHOTOS, "stereo_motorcycle", *SKLEARN_PHOTOS))
     return tuple(np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3] for p in photos)
 
 
