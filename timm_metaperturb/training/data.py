@@ -2,7 +2,7 @@
 
 `load_image_dataset` returns a `datasets.Dataset` with an `image` and a `label` column from a Hub dataset name,
 a local image folder, or an offline built-in: `fashion_mnist` (Debian's `dataset-fashion-mnist` files),
-`digits` (scikit-learn's 8x8 digits), `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`) and
+`digits` (scikit-learn's 8x8 digits), `glyphs-<script>` (letters rendered from Debian's fonts, `glyphs.py`),
 `shapes` (coloured shapes and patterns drawn procedurally, `shapes.py`) and `photo-patches` (patches of the
 photographs that ship with scikit-image, `photo_patches.py`).
 `to_tensors` turns it into one uint8 tensor of 3-channel images at a fixed size, and `augment` makes training

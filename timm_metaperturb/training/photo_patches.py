@@ -21,16 +21,19 @@ CANVAS = 64
 PER_CLASS = {"train": 40, "test": 30}
 SIDE = {"train": (0.15, 0.3), "test": (0.3, 0.4)}  # a patch's side, as a fraction of the photograph's shorter side
 TRAIN_WIDTH = 0.6  # training patches lie in the left 60% of a photograph, test patches in the rest
-# scikit-image's bundled photographs (skimage.data), then scikit-learn's two sample images
-SKIMAGE_PHOTOS = (
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-    "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text",
-)  # fmt: skip
+# class: the photograph, a `skimage.data` function or one of scikit-learn's sample images (SKLEARN_PHOTOS)
+PHOTOS = {
+    "astronaut": "astronaut", "brick": "brick", "camera": "camera", "cell": "cell", "chelsea": "chelsea",
+    "clock": "clock", "coffee": "coffee", "coins": "coins", "grass": "grass", "gravel": "gravel",
+    "hubble_deep_field": "hubble_deep_field", "immunohistochemistry": "immunohistochemistry", "moon": "moon",
+    "page": "page", "retina": "retina", "rocket": "rocket", "text": "text", "motorcycle": "stereo_motorcycle",
+    "china": "china.jpg", "flower": "flower.jpg",
+}  # fmt: skip
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
 
 def class_names() -> list[str]:
-    return [*SKIMAGE_PHOTOS, "motorcycle", *(name.removesuffix(".jpg") for name in SKLEARN_PHOTOS)]
+    return list(PHOTOS)
 
 
 def photograph(name: str) -> np.ndarray:
@@ -51,7 +54,7 @@ def photograph(name: str) -> np.ndarray:
 @functools.cache
 def photographs() -> tuple[np.ndarray, ...]:
     """Every class's photograph as RGB uint8 (H, W, 3), in `class_names` order."""
-    photos = map(photograph, (*SKIMAGE_PHOTOS, "stereo_motorcycle", *SKLEARN_PHOTOS))
+    photos = map(photograph, PHOTOS.values())
     return tuple(np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3] for p in photos)
 
 
