@@ -6,6 +6,8 @@
     python -m benchmarks.transfer --suite     # many-class targets with a style shift (rendered letters), φ vs base
     python -m benchmarks.transfer --suite --quick   # 4 of them, base and the shipped φ (under an hour on 2 cores)
     python -m benchmarks.transfer --ablation  # what each part of MetaPerturb contributes (resnet20, Fashion-MNIST)
+    python -m benchmarks.transfer --selection --rows base,metaperturb-s1 --phi-row s1=outputs/meta-s1/phi
+                                              # choose among meta-training runs on scripts none of them saw
     python -m benchmarks.transfer --phi-row meta150=outputs/meta-150/phi   # a row for another φ
     python -m benchmarks.transfer --rows base,metaperturb+manifold_mixup   # a combination row: do they add up?
 
@@ -43,7 +45,12 @@ TARGETS = {
 SUITE = {"hebrew": 20, "thai": 15, "kana": 10, "devanagari": 24, "georgian": 16, "ethiopic": 8}
 TARGETS.update({f"{script}@{n}": ["--dataset", f"glyphs-{script}", "--max-per-class", str(n), "--no-hflip"]
                 for script, n in SUITE.items()})  # fmt: skip
+# choosing among meta-training runs (the paper keeps the best of 5 on held-out data): the letters of the last three
+# source scripts (malayalam, gurmukhi, lao; 111 classes), held out from every φ meta-trained on source classes 0-114
+# and from every target
+TARGETS["heldout"] = ["--dataset", "glyphs-sources", "--classes", "115-225", "--no-hflip"]
 Cell = tuple[str, str]  # (target, network)
+SELECTION_CELL: Cell = ("heldout@10", "resnet20")
 CELLS = [("fmnist5-9", "resnet20"), ("digits", "resnet20"), ("fmnist5-9", "conv4"), ("digits", "conv4"),
          ("fmnist5-9", "resnet18")]  # fmt: skip
 REGIME_SIZES = (20, 50, 100, 500)  # training images per class, resnet20 on Fashion-MNIST 5-9
@@ -74,6 +81,13 @@ SUITE_SETUP = (
     "Targets glyphs-SCRIPT@N: the letters of one script (27 to 92 classes), N training images per class rendered "
     "from sans-serif fonts, 30 test images per class from serif, handwritten or brush fonts (`timm_metaperturb/"
     "training/glyphs.py`), no horizontal flip. No script here is a meta-training source of any φ in the table."
+)
+
+SELECTION_SETUP = (
+    "Target heldout@10: the letters of malayalam, gurmukhi and lao (glyphs-sources classes 115-225, 111 classes), 10 "
+    "training images per class from sans-serif fonts, test letters from serif and looped fonts. These scripts are "
+    "meta-training sources of no φ compared here (all meta-trained on source classes 0-99) and targets of no table: "
+    "they choose among meta-training runs, as the paper keeps the best of 5 on held-out data."
 )
 
 ABLATION_SETUP = (
@@ -286,6 +300,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--regime", action="store_true", help="base vs MetaPerturb against images per class")
     parser.add_argument("--ablation", action="store_true", help="the ablation rows on resnet20 / Fashion-MNIST 5-9")
     parser.add_argument("--suite", action="store_true", help="the many-class, style-shifted targets, resnet20")
+    parser.add_argument("--selection", action="store_true", help="the held-out scripts that choose among φs")
     parser.add_argument(
         "--phi-row", action="append", default=[], metavar="NAME=PATH", help="add a row metaperturb-NAME with this φ"
     )
@@ -321,6 +336,8 @@ def main(argv: list[str] | None = None) -> str:
         cells = [(f"{s}@{SUITE[s]}", network) for network in ("resnet20", "conv4") for s in scripts]
         cells = cells if args.cells else [c for c in cells if c[1] == "resnet20"]
         args.rows = args.rows or ("base,metaperturb" if args.quick else None)
+    if args.selection:
+        cells = [SELECTION_CELL]
     phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
     if len(phis) != len(args.phi_row):
         parser.error("--phi-row takes NAME=PATH, e.g. meta150=outputs/meta-150/phi")
@@ -333,7 +350,7 @@ def main(argv: list[str] | None = None) -> str:
     authors = args.authors_phi if args.authors_phi.is_file() else None
     if authors is None:
         print(f"the authors' φ is not at {args.authors_phi}: its row is left out", file=sys.stderr)
-    table_rows = rows(authors, phis, args.ablation, baselines=not args.suite)
+    table_rows = rows(authors, phis, args.ablation, baselines=not (args.suite or args.selection))
     if args.rows:
         wanted_rows = args.rows.split(",")
         table_rows.update({row: ["--method", row] for row in wanted_rows if is_combination(row)})
@@ -361,9 +378,10 @@ def main(argv: list[str] | None = None) -> str:
     done = [json.loads(p.read_text()) for out, _ in jobs if (p := out / "run.json").is_file()]
     compute = sum(run["wall_time_s"] for run in done) / 60
     command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
-    kind = "regime" if args.regime else "ablation" if args.ablation else "suite" if args.suite else "transfer"
+    kinds = {"regime": args.regime, "ablation": args.ablation, "suite": args.suite, "selection": args.selection}
+    kind = next((k for k, chosen in kinds.items() if chosen), "transfer")
     title = {"regime": "Regime: accuracy against images per class", "ablation": "Ablations",
-             "suite": "Many classes, few images, another style",
+             "suite": "Many classes, few images, another style", "selection": "Choosing a φ on held-out scripts",
              "transfer": "Transfer to data-scarce targets"}[kind]  # fmt: skip
     plot = []
     if args.regime:
@@ -380,6 +398,7 @@ def main(argv: list[str] | None = None) -> str:
             *plot,
             *([ABLATION_SETUP] if args.ablation else []),
             *([SUITE_SETUP] if args.suite else []),
+            *([SELECTION_SETUP] if args.selection else []),
             summary(args.runs_dir, cells, names, seeds),
             *(cell_table(args.runs_dir, cell, names, seeds) for cell in cells),
         ]

@@ -66,10 +66,15 @@ def test_resume_ends_with_the_uninterrupted_phi(tmp_path, images):
     short = run_python(["train/meta.py", *common[:-4], "--steps", "2", "--checkpoint-every", "2", "--output",
                         tmp_path / "short"])  # fmt: skip
     assert short.returncode == 0, short.stderr
-    longer = [*common, "--output", tmp_path / "longer", "--resume-from", tmp_path / "short" / "checkpoints" / "step_2"]
+    short_end = tmp_path / "short" / "checkpoints" / "step_2"
+    state = torch.load(short_end / "state.pt", weights_only=True)
+    assert 0 < state["elapsed"] <= json.loads((tmp_path / "short" / "run.json").read_text())["wall_time_s"]
+    torch.save({**state, "elapsed": 3600.0}, short_end / "state.pt")  # as if the first part had taken an hour
+    longer = [*common, "--output", tmp_path / "longer", "--resume-from", short_end]
     assert run_python(["train/meta.py", *longer]).returncode == 0
     c = _phi(tmp_path / "longer")
     assert all(torch.equal(a[k], c[k]) for k in a), "a finished run resumed with more steps is that longer run"
+    assert json.loads((tmp_path / "longer" / "run.json").read_text())["wall_time_s"] > 3600, "wall time of both parts"
     too_short = run_python(["train/meta.py", *common[:-4], "--steps", "1", "--output", tmp_path / "y",
                             "--resume-from", checkpoint])  # fmt: skip
     assert too_short.returncode != 0 and "past --steps 1" in too_short.stderr

@@ -188,3 +188,13 @@ def test_quick_suite_is_four_targets_base_and_the_shipped_phi(tmp_path):
     assert "georgian" not in quick and "dropblock" not in quick and "of 8 runs finished" in quick
     full = main([*args, "--seeds", "0", "--authors-phi", str(tmp_path / "absent.pth")])
     assert "**resnet20 on georgian@16**" in full and "dropblock" not in full and "of 12 runs finished" in full
+
+
+def test_selection_is_the_held_out_scripts_and_only_the_rows_asked_for(tmp_path):
+    for row, accuracy in (("base", 40.0), ("metaperturb-s1", 55.0)):
+        write_evaluations(tmp_path, ("heldout@10", "resnet20"), row, 0, {"mean-bn": accuracy, "final": accuracy})
+    text = main(["--selection", "--table-only", "--seeds", "0", "--rows", "base,metaperturb-s1", "--phi-row",
+                 "s1=absent/phi", "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
+    assert "**resnet20 on heldout@10**" in text and "| metaperturb-s1 | mean-bn | 55.00 ± 0.00 |" in text
+    assert "2 of 2 runs finished" in text and "<!-- selection:start -->" in (tmp_path / "R.md").read_text()
+    assert target_args("heldout@10")[-4:] == ["115-225", "--no-hflip", "--max-per-class", "10"]

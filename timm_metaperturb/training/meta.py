@@ -304,9 +304,9 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     for p in phi.parameters():
         p.grad = torch.zeros_like(p)
 
-    start, history = 0, []
+    start, history, elapsed = 0, [], 0.0  # elapsed: wall time spent before this process started, when resuming
     if cfg.resume_from:
-        start, history = _resume(cfg, phi, phi_optimizer, runners)
+        start, history, elapsed = _resume(cfg, phi, phi_optimizer, runners)
     if cfg.report_to:
         accelerator.init_trackers("metaperturb", config={k: v for k, v in asdict(cfg).items() if v is not None})
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
@@ -324,14 +324,16 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
             history.append(_log(step + 1, metrics, accelerator, bar))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             shared = {"step": step + 1, "config": asdict(cfg), "history": history, "phi": phi.state_dict(),
-                      "phi_optimizer": phi_optimizer.state_dict()}  # fmt: skip
+                      "phi_optimizer": phi_optimizer.state_dict(),
+                      "elapsed": elapsed + time.time() - started}  # fmt: skip
             save_checkpoint(output / "checkpoints" / f"step_{step + 1}", shared, accelerator, runners)
 
     flat_phi = torch.cat([p.detach().flatten() for p in phi.parameters()])
     everyone = accelerator.gather(flat_phi[None])
     identical = bool((everyone == everyone[0]).all())
     if accelerator.is_main_process:
-        _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, time.time() - started, command)
+        wall_time = elapsed + time.time() - started
+        _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, wall_time, command)
     accelerator.end_training()
     return phi
 
@@ -359,7 +361,7 @@ def save_checkpoint(path: Path, shared: dict, accelerator, runners) -> None:
     accelerator.wait_for_everyone()
 
 
-def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> tuple[int, list]:
+def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> tuple[int, list, float]:
     path = Path(cfg.resume_from)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume-from {path} is not a meta-training checkpoint (no {STATE_FILE})")
@@ -371,7 +373,7 @@ def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> t
     phi_optimizer.load_state_dict(state["phi_optimizer"])
     for runner in runners:
         runner.load_state_dict(load_checkpoint_file(path / f"task_{runner.task.index}.pt"))
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("elapsed", 0.0)  # checkpoints of older versions lack it
 
 
 def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
