@@ -1,0 +1,59 @@
+"""Corrupted test sets: imagecorruptions' 15 types on the current stack, seeded, grey kept grey, bad input refused."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from timm_metaperturb.training.corruptions import CORRUPTIONS, FAMILIES, corrupt, reference_package
+
+
+@pytest.fixture(scope="module")
+def grey():
+    """Six grey 32 px images with structure (a bright square on a gradient), three equal channels."""
+    ramp = torch.linspace(20, 120, 32).expand(32, 32)
+    images = ramp.repeat(6, 1, 1).clone()
+    for i in range(6):
+        images[i, 4 + i : 20 + i, 6:22] = 230
+    return images.round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_every_type_runs_seeded_keeps_grey_and_grows_with_severity(grey, name):
+    mild, severe = corrupt(grey, name, 1), corrupt(grey, name, 5)
+    assert mild.shape == severe.shape == grey.shape and severe.dtype == torch.uint8
+    assert bool((severe == severe[:, :1]).all()), "a grey image comes back grey"
+    change = [(x.float() - grey.float()).abs().mean().item() for x in (mild, severe)]
+    assert 0 < change[0] < change[1], f"{name}: severity 5 should change the images more than 1, got {change}"
+    assert torch.equal(corrupt(grey, name, 5), severe), "the same set, seed and severity give the same images"
+
+
+def test_the_families_are_the_reference_codes(grey):
+    package = reference_package()
+    assert {family: list(names) for family, names in FAMILIES.items()} == {
+        family: package.get_corruption_names(family) for family in FAMILIES
+    }
+    assert "pkg_resources" not in sys.modules or hasattr(sys.modules["pkg_resources"], "working_set")
+    assert not hasattr(np, "float_"), "the bridge for the reference code must not change NumPy itself"
+
+
+def test_seed_draws_another_set_and_one_channel_and_colour_keep_their_layout(grey):
+    assert not torch.equal(corrupt(grey, "gaussian_noise", 3, seed=1), corrupt(grey, "gaussian_noise", 3, seed=0))
+    one = corrupt(grey[:, :1], "impulse_noise", 3)
+    assert one.shape == (6, 1, 32, 32) and torch.equal(one, corrupt(grey, "impulse_noise", 3)[:, :1])
+    colour = grey.clone()
+    colour[:, 0] = 200
+    out = corrupt(colour, "fog", 2)
+    assert out.shape == colour.shape and not bool((out == out[:, :1]).all()), "colour images stay colour"
+
+
+def test_bad_input_is_refused_with_what_to_do(grey):
+    with pytest.raises(ValueError, match="at least 32 px"):
+        corrupt(grey[:, :, :28, :28], "contrast", 1)
+    with pytest.raises(ValueError, match="unknown corruption 'rain'"):
+        corrupt(grey, "rain", 1)
+    with pytest.raises(ValueError, match="severity 6"):
+        corrupt(grey, "contrast", 6)
+    with pytest.raises(ValueError, match="uint8"):
+        corrupt(grey.float(), "contrast", 1)
