@@ -57,3 +57,23 @@ def test_bad_input_is_refused_with_what_to_do(grey):
         corrupt(grey, "contrast", 6)
     with pytest.raises(ValueError, match="uint8"):
         corrupt(grey.float(), "contrast", 1)
+
+
+def test_sets_are_made_once_and_read_back_from_the_cache(grey, tmp_path, monkeypatch):
+    from timm_metaperturb.training import corruptions
+
+    made = corruptions.corrupted_sets(grey, cache=tmp_path)
+    assert len(made) == len(CORRUPTIONS) * 5 and made[("fog", 3)].shape == grey.shape
+    assert len(list(tmp_path.rglob("*.pt"))) == len(CORRUPTIONS)
+    assert all(p.stat().st_size < grey.numel() * 5 // 2 for p in tmp_path.rglob("*.pt")), "grey kept as one channel"
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a set was made again")
+
+    monkeypatch.setattr(corruptions, "corrupt", refuse)
+    again = corruptions.corrupted_sets(grey, cache=tmp_path)
+    assert all(torch.equal(again[k], made[k]) for k in made)
+    other = grey.clone()
+    other[0, :, 0, 0] += 1
+    with pytest.raises(RuntimeError, match="made again"):  # other images are another set
+        corruptions.corrupted_sets(other, cache=tmp_path)

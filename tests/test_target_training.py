@@ -24,13 +24,16 @@ from timm_metaperturb import (
 )
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer, get_regularizer
 from timm_metaperturb.training.checkpoints import STATE_FILE, save_checkpoint_file
-from timm_metaperturb.training.data import Augmentation
+from timm_metaperturb.training.corruptions import CORRUPTIONS, held_out_subset
+from timm_metaperturb.training.data import Augmentation, ImageTensors
 from timm_metaperturb.training.metrics import classification_metrics, expected_calibration_error
+from timm_metaperturb.training.streaming import StreamedImages
 from timm_metaperturb.training.target import (
     CHECKPOINT_DIR,
     TargetConfig,
     annealed_strength,
     build_model,
+    evaluate_corrupted,
     evaluate_modes,
     prepare_data,
     train_target,
@@ -203,6 +206,35 @@ def test_final_evaluation_modes(tmp_path, phi_dir):
     baseline = train_target(TargetConfig(**{**cfg.__dict__, "method": "dropblock", "output": str(tmp_path / "b")}))
     assert set(baseline["evaluations"]) == {"final", "final-bn"}
     assert baseline["evaluations"]["final"].items() <= baseline["final"].items()
+
+
+def test_corrupted_evaluation_is_the_default_evaluation_on_corrupted_copies(tmp_path, phi_dir, monkeypatch):
+    """Clean, it equals the default evaluation (mean-bn; baselines final-bn) of the same test images; every type and
+    severity is reported; the model is left as it was."""
+    monkeypatch.setenv("TIMM_METAPERTURB_CACHE", str(tmp_path / "cache"))
+    cfg = TargetConfig(**{**TINY, "phi": phi_dir, "image_size": 32, "classes": "0-3", "corruptions": 12,
+                          "final_modes": "mean-bn", "output": str(tmp_path / "r")})  # fmt: skip
+    run = train_target(cfg)
+    assert run["corruptions"]["images"] == 12 and set(run["corruptions"]["corrupted"]) == set(CORRUPTIONS)
+    assert all(
+        set(by_severity) == {"1", "2", "3", "4", "5"} for by_severity in run["corruptions"]["corrupted"].values()
+    )
+    train, test = prepare_data(cfg)
+    model, _ = build_model(cfg, len(train.class_names))
+    set_perturb_strength(model, 1.0)
+    model.train()(torch.randn(32, 3, 32, 32) * 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aug = Augmentation(cfg.crop_padding, cfg.hflip)
+    result = evaluate_corrupted(model, test, aug, train, 12)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is left as it was"
+    keep = held_out_subset(12, len(test))
+    subset = ImageTensors(test.images[keep], test.labels[keep], test.class_names)
+    assert result["clean"] == evaluate_modes(model, subset, aug, ["mean-bn"], train)["mean-bn"]
+    assert result["corrupted"]["gaussian_noise"]["5"] != result["clean"]
+    baseline = train_target(TargetConfig(**{**cfg.__dict__, "method": "base", "output": str(tmp_path / "b")}))
+    assert set(baseline["corruptions"]["corrupted"]) == set(CORRUPTIONS) and baseline["corruptions"]["images"] == 12
+    with pytest.raises(ValueError, match="--loader memory"):
+        evaluate_corrupted(model, StreamedImages.__new__(StreamedImages), aug, train, 12)
 
 
 def test_mean_evaluation_re_estimates_batch_norm(tmp_path, phi_dir):

@@ -74,6 +74,8 @@ HELP = {
     "noise z fixed to 1) for ablations",
     "final_modes": "also report these final evaluations, e.g. 1,10,100,mean,mean-bn (N sampled passes, expected "
     "noise, expected noise after re-estimating batch norm; baselines: final, final-bn)",
+    "corruptions": "also evaluate on N test images under each of imagecorruptions' 15 types at 5 severities, in the "
+    "default evaluation (made once and cached; needs the robustness extra)",
     "checkpoint_every": "save the training state to OUTPUT/checkpoint.pt every N steps (0: never); removed when the "
     "run completes",
     "resume": "continue from OUTPUT/checkpoint.pt where there is one (the same network as an uninterrupted run)",

@@ -8,8 +8,10 @@ equal channels (as the reference code does) and its channels are averaged back t
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .data import seed_for
 
@@ -125,3 +128,41 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     if grey:
         out = out.float().mean(dim=1, keepdim=True).round().to(torch.uint8).expand(-1, images.shape[1], -1, -1)
     return out.contiguous()
+
+
+def cache_dir() -> Path:
+    """Where corrupted test sets are kept: $TIMM_METAPERTURB_CACHE/corruptions, else under ~/.cache."""
+    root = os.environ.get("TIMM_METAPERTURB_CACHE") or Path.home() / ".cache" / "timm_metaperturb"
+    return Path(root) / "corruptions"
+
+
+def held_out_subset(count: int, total: int) -> torch.Tensor:
+    """The positions of the `count` test images that are corrupted: a fixed random subset, in test-set order."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[: min(count, total)].sort().values
+
+
+def corrupted_sets(images: torch.Tensor, seed: int = 0, cache: Path | None = None) -> dict[tuple[str, int], Tensor]:
+    """Every corruption type at every severity of `images` (uint8, N x C x H x W), keyed (type, severity); made once
+    per set of images and seed and kept in `cache` (default `cache_dir()`), one file per type."""
+    key = hashlib.sha256(images.numpy().tobytes() + repr((tuple(images.shape), seed)).encode()).hexdigest()[:20]
+    folder = (cache or cache_dir()) / key
+    sets = {}
+    for name in CORRUPTIONS:
+        path = folder / f"{name}.pt"
+        if path.is_file():
+            stacked = torch.load(path, weights_only=True)
+        else:
+            stacked = torch.stack([corrupt(images, name, severity, seed) for severity in SEVERITIES])
+            grey = bool((stacked == stacked[:, :, :1]).all())
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")  # two runs making the same set write in turn
+            torch.save(stacked[:, :, :1].clone() if grey else stacked, partial)  # grey sets kept as one channel
+            os.replace(partial, path)
+        shape, channels = tuple(stacked.shape), images.shape[1]
+        wanted = (len(SEVERITIES), len(images), *images.shape[2:])
+        if (*shape[:2], *shape[3:]) != wanted or shape[2] not in (1, channels):
+            raise ValueError(f"{path} holds images of shape {shape[1:]}, not {tuple(images.shape)}: "
+                             "delete it to make it again")  # fmt: skip
+        stacked = stacked.expand(-1, -1, channels, -1, -1)
+        sets.update({(name, severity): stacked[i] for i, severity in enumerate(SEVERITIES)})
+    return sets

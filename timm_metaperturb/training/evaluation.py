@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..injection import ATTRIBUTE, MetaPerturbInjection, eval_noise_as, get_injection
 from ..recalibration import recalibrate_batchnorm
 from ..sites import SiteModule
-from .data import Augmentation
+from .corruptions import corrupted_sets, held_out_subset
+from .data import Augmentation, ImageTensors
 from .metrics import classification_metrics
 from .streaming import StreamedImages, batches_of
 
@@ -62,11 +63,18 @@ class ReestimationBatches:
         return (x for x, _ in batches_of(self.train, self.aug, self.device, order=self.order))
 
 
-def predict_recalibrated(model: nn.Module, test, aug: Augmentation, train) -> Tensor:
-    """One deterministic pass after re-estimating batch norm's statistics on the (unaugmented) training images
-    in the model's evaluation mode (`recalibrate_batchnorm`); the model's statistics are restored afterwards."""
+@contextmanager
+def recalibrated(model: nn.Module, train, aug: Augmentation) -> Iterator[None]:
+    """Batch norm's statistics re-estimated on the (unaugmented) training images in the model's evaluation mode
+    (`recalibrate_batchnorm`) for the block, restored afterwards."""
     with restored_buffers(model):  # the re-estimation changes batch norm's buffers only
         recalibrate_batchnorm(model, ReestimationBatches(train, aug, _device(model)))
+        yield
+
+
+def predict_recalibrated(model: nn.Module, test, aug: Augmentation, train) -> Tensor:
+    """One deterministic pass after re-estimating batch norm's statistics on the training images."""
+    with recalibrated(model, train, aug):
         return predict_proba(model, test, aug)
 
 
@@ -152,4 +160,26 @@ def evaluate_modes(model: nn.Module, test, aug: Augmentation, modes: list[str], 
         if "mean-bn" in modes:
             probs = predict_recalibrated(model, test, aug, train)
             results[f"{deterministic}-bn"] = classification_metrics(probs, test.labels)
+    return results
+
+
+def evaluate_corrupted(model: nn.Module, test, aug: Augmentation, train, count: int, cache=None) -> dict:
+    """The tables' default evaluation (one deterministic pass, noise at its expectation, batch norm re-estimated on
+    `train`) on `count` of the test images, clean and under every corruption type and severity (`corruptions.py`):
+    {"images": n, "clean": metrics, "corrupted": {type: {severity: metrics}}}. The model is left as it was."""
+    if isinstance(test, StreamedImages):
+        raise ValueError("the corrupted evaluation needs the test images in memory: run with --loader memory")
+    keep = held_out_subset(count, len(test))
+    images, labels = test.images[keep], test.labels[keep]
+    sets = {("clean", 0): images, **corrupted_sets(images, cache=cache)}
+    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
+    results: dict = {"images": len(keep), "corrupted": {}}
+    with eval_noise_as(model, "mean") if phi else nullcontext(), recalibrated(model, train, aug):
+        for (name, severity), corrupted in sets.items():
+            probs = predict_proba(model, ImageTensors(corrupted, labels, test.class_names), aug)
+            metrics = classification_metrics(probs, labels)
+            if name == "clean":
+                results["clean"] = metrics
+            else:
+                results["corrupted"].setdefault(name, {})[str(severity)] = metrics
     return results

@@ -44,6 +44,7 @@ from .cpu_memory import keep_freed_memory
 from .data import Augmentation, EpochSampler, ImageTensors, crop_flip, normalise, seed_for, share_of_rank
 from .evaluation import (
     ReestimationBatches,
+    evaluate_corrupted,
     evaluate_modes,
     predict_proba,
     predict_recalibrated,
@@ -95,6 +96,7 @@ class TargetConfig:
     final_passes: int = 100
     eval_noise: str = "mean"  # one deterministic pass after re-estimating batch norm: as accurate as MC-10
     final_modes: str = ""
+    corruptions: int = 0  # test images also evaluated under every corruption (0: none)
     crop_padding: int = 4
     hflip: bool = True
     augment: str | None = None  # reference or timm; default: timm with --pretrained, else reference
@@ -131,6 +133,7 @@ class TargetConfig:
         "resume",
         "final_passes",
         "final_modes",
+        "corruptions",
         "loader",
         "workers",
         "report_to",
@@ -498,6 +501,8 @@ def _finish(cfg, command, model, attached, train, test, aug, history, strengths,
            "data": {"train": len(train), "test": len(test), "classes": train.class_names}}  # fmt: skip
     if final_modes:  # on the trained network, before it is finalized
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
+    if cfg.corruptions:
+        run["corruptions"] = evaluate_corrupted(model, test, aug, train, cfg.corruptions)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
         run["train_loss_phi"] = training_loss_with_and_without_noise(model, train, aug, cfg.batch_size)
