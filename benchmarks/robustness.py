@@ -1,0 +1,154 @@
+"""Where φ earns its cost: accuracy and calibration under corruption, every row of the transfer table side by side.
+
+    python -m benchmarks.robustness --quick   # seed 0, resnet20 on Fashion-MNIST 5-9 (about an hour on 2 CPU cores)
+    python -m benchmarks.robustness           # resnet20 and conv4 on Fashion-MNIST 5-9 and digits, 3 seeds
+
+Each run is one `train/target.py` process of the transfer table's recipe (800 steps) with `--corruptions 1000`: the
+run's default evaluation (MetaPerturb: noise at its expectation, batch norm re-estimated; baselines: batch norm
+re-estimated) on 1,000 test images, clean and under imagecorruptions' 15 types at 5 severities, the same images for
+every row (`timm_metaperturb/training/corruptions.py`). Finished runs are skipped, so the table resumes where it
+stopped. mCE is Hendrycks & Dietterich's: per type, the row's errors summed over severities over base's on the same
+seed, averaged over types (base = 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.results import RESULTS, machine, write_section
+from benchmarks.transfer import AUTHORS_PHI, CELLS, STEPS, Cell, rows, run_dir, target_args
+from timm_metaperturb.training.corruptions import CORRUPTIONS, FAMILIES
+from train.compare import add_workers_argument, mean_std, run_all
+
+RUNS = Path(__file__).with_name("runs")  # runs/<device>-robustness
+IMAGES = 1000  # test images per cell, each under 75 corruptions
+ROBUSTNESS_CELLS = [c for c in CELLS if c[1] in ("resnet20", "conv4")]
+QUICK_CELL: Cell = ("fmnist5-9", "resnet20")
+COLUMNS = ("clean", "corrupted", *FAMILIES, "mCE", "ECE clean", "ECE corrupted", "NLL corrupted")
+
+
+def run_summary(run: dict) -> dict[str, float]:
+    """One run's columns, from its run.json "corruptions": accuracies (%), calibration, and its errors per type."""
+    result = run["corruptions"]
+    by_type = result["corrupted"]
+    every = [m for severities in by_type.values() for m in severities.values()]
+    summary = {
+        "clean": result["clean"]["accuracy"],
+        "corrupted": statistics.mean(m["accuracy"] for m in every),
+        **{
+            f: statistics.mean(m["accuracy"] for t in types for m in by_type[t].values())
+            for f, types in FAMILIES.items()
+        },
+        "ECE clean": result["clean"]["ece"],
+        "ECE corrupted": statistics.mean(m["ece"] for m in every),
+        "NLL corrupted": statistics.mean(m["nll"] for m in every),
+    }
+    summary.update({f"errors {t}": sum(100 - m["accuracy"] for m in by_type[t].values()) for t in CORRUPTIONS})
+    return summary
+
+
+def finished(runs: Path, cell: Cell, row: str, seeds: list[int]) -> dict[int, dict[str, float]]:
+    """Each finished run's summary, by seed."""
+    found = {}
+    for seed in seeds:
+        path = run_dir(runs, cell, row, seed) / "run.json"
+        if path.is_file():
+            found[seed] = run_summary(json.loads(path.read_text()))
+    return found
+
+
+def corruption_error(row: dict[int, dict], base: dict[int, dict]) -> list[float]:
+    """mCE (base = 100) on each seed both have."""
+    return [
+        100 * statistics.mean(row[s][f"errors {t}"] / max(base[s][f"errors {t}"], 1e-9) for t in CORRUPTIONS)
+        for s in row
+        if s in base
+    ]
+
+
+def cell_table(runs: Path, cell: Cell, names: list[str], seeds: list[int]) -> str:
+    """Mean ± std over seeds of every column, for each row that finished on this cell."""
+    lines = [f"**{cell[1]} on {cell[0]}** (accuracy and ECE in %)", "",
+             "| row | " + " | ".join(COLUMNS) + " | seeds |", "| --- |" + " --- |" * (len(COLUMNS) + 1)]  # fmt: skip
+    base = finished(runs, cell, "base", seeds)
+    for name in names:
+        runs_of_row = finished(runs, cell, name, seeds)
+        if not runs_of_row:
+            continue
+        values = {c: [r[c] for r in runs_of_row.values()] for c in COLUMNS if c != "mCE"}
+        values["mCE"] = corruption_error(runs_of_row, base)
+        cells = [mean_std(values[c], 3 if c.startswith("NLL") else 2) if values[c] else "–" for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs_of_row)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seed 0, resnet20 on Fashion-MNIST 5-9")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")
+    parser.add_argument("--cells", help="only these target:network cells, e.g. digits:conv4")
+    parser.add_argument("--images", type=int, default=IMAGES, help="test images per cell under each corruption")
+    parser.add_argument("--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ; row left out if absent")
+    parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>-robustness")
+    add_workers_argument(parser)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file the tables go to")
+    parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
+    args = parser.parse_args(argv)
+    runs = args.runs_dir or RUNS / f"{args.device.split(':')[0]}-robustness"
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    cells = [QUICK_CELL] if args.quick else ROBUSTNESS_CELLS
+    if args.cells:
+        wanted = [tuple(c.split(":")) for c in args.cells.split(",")]
+        if unknown := [c for c in wanted if c not in ROBUSTNESS_CELLS]:
+            parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in ROBUSTNESS_CELLS)}")
+        cells = wanted
+    table_rows = rows(args.authors_phi if args.authors_phi.is_file() else None, {}, ablation=False)
+    if args.rows:
+        if unknown_rows := set(args.rows.split(",")) - set(table_rows):
+            parser.error(f"unknown rows {unknown_rows}; choose from {', '.join(table_rows)}")
+        table_rows = {k: v for k, v in table_rows.items() if k in args.rows.split(",")}
+    common = ["--steps", str(STEPS), "--eval-every", str(STEPS), "--eval-noise", "sample", "--final-passes", "1",
+              "--final-modes", "mean-bn", "--corruptions", str(args.images), "--no-plots",
+              "--device", args.device]  # fmt: skip
+    jobs = [
+        (
+            run_dir(runs, cell, row, seed),
+            [*target_args(cell[0]), "--model", cell[1], *extra, *common, "--seed", str(seed)],
+        )
+        for seed in seeds
+        for cell in cells
+        for row, extra in table_rows.items()
+    ]
+    started = time.time()
+    failures = [] if args.table_only else run_all(jobs, args.workers)
+    done = sum((out / "run.json").is_file() for out, _ in jobs)
+    command = "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n\n".join(
+        [
+            f"## Robustness to corruption: {args.device.split(':')[0].upper()}, {STEPS} steps"
+            f"{', quick' if args.quick else ''} (`benchmarks/robustness.py`)",
+            f"Command: `{command.strip()}`; machine: {machine()}; {args.workers} workers; seeds "
+            f"{','.join(map(str, seeds))}; {done} of {len(jobs)} runs finished (this invocation: "
+            f"{(time.time() - started) / 60:.1f} min wall). {args.images} test images per cell, each clean and under "
+            f"{len(CORRUPTIONS)} corruption types x 5 severities (imagecorruptions); columns: clean and mean corrupted "
+            "accuracy, mean accuracy per family, mCE against base (100 = base's errors), ECE clean and under "
+            "corruption, NLL under corruption. Every row in its default evaluation.",
+            *(cell_table(runs, cell, list(table_rows), seeds) for cell in cells),
+        ]
+    )
+    write_section("robustness" + ("-quick" if args.quick else ""), text, args.results)
+    print(text)
+    if failures:
+        sys.exit("failed runs (the table holds the others):\n" + "\n".join(failures))
+    return text
+
+
+if __name__ == "__main__":
+    main()
