@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_metaperturb import (
+    create_model,
     get_injection,
     inject_metaperturb,
     recalibrate_batchnorm,
@@ -23,6 +24,7 @@ from timm_metaperturb import (
     set_perturb_strength,
 )
 from timm_metaperturb.regularizers import InformationDropout, ManifoldMixup, add_regularizer, get_regularizer
+from timm_metaperturb.training.adversarial import adversarial_accuracy
 from timm_metaperturb.training.checkpoints import STATE_FILE, save_checkpoint_file
 from timm_metaperturb.training.corruptions import CORRUPTIONS, held_out_subset
 from timm_metaperturb.training.data import Augmentation, ImageTensors
@@ -481,3 +483,23 @@ def test_a_run_that_ends_far_from_fitting_warns_what_to_do(tmp_path, phi_dir):
         and f"{run['train_loss_phi']['noise']:.2f} nats" in run["warnings"][0]
     )
     assert json.loads((tmp_path / "r" / "run.json").read_text())["warnings"] == run["warnings"]
+
+
+def test_adversarial_accuracy_starts_at_the_default_evaluation_and_falls_with_eps(tmp_path, phi_dir):
+    cfg = TargetConfig(**{**TINY, "phi": phi_dir, "steps": 40, "adversarial": 48, "output": str(tmp_path / "r")})
+    run = train_target(cfg)
+    assert set(run["adversarial"]["accuracy"]) == {"0", "1/255", "2/255", "4/255", "8/255"}
+    model = create_model(f"local-dir:{tmp_path / 'r'}", pretrained=True)
+    train, test = prepare_data(cfg)
+    aug = Augmentation(cfg.crop_padding, cfg.hflip)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weak, strong = (adversarial_accuracy(model, test, aug, train, 48, (8 / 255,), steps=n) for n in (2, 10))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is left as it was"
+    keep = held_out_subset(48, len(test))
+    subset = ImageTensors(test.images[keep], test.labels[keep], test.class_names)
+    clean = evaluate_modes(model, subset, aug, ["mean-bn"], train)["mean-bn"]["accuracy"]
+    assert weak["accuracy"]["0"] == pytest.approx(clean) and clean > 30, "eps 0 is the default evaluation"
+    assert strong["accuracy"]["8/255"] <= weak["accuracy"]["8/255"] < clean, "a stronger attack fools at least as many"
+    base = create_model("conv4", num_classes=10, metaperturb=False)
+    with pytest.raises(ValueError, match="eot=0"):
+        adversarial_accuracy(base, test, aug, train, 16, eot=2)

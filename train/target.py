@@ -76,6 +76,8 @@ HELP = {
     "noise, expected noise after re-estimating batch norm; baselines: final, final-bn)",
     "corruptions": "also evaluate on N test images under each of imagecorruptions' 15 types at 5 severities, in the "
     "default evaluation (made once and cached; needs the robustness extra)",
+    "adversarial": "also evaluate on N test images under L∞ PGD (torchattacks; 20 steps, eps 1, 2, 4, 8 / 255) in the "
+    "default evaluation",
     "checkpoint_every": "save the training state to OUTPUT/checkpoint.pt every N steps (0: never); removed when the "
     "run completes",
     "resume": "continue from OUTPUT/checkpoint.pt where there is one (the same network as an uninterrupted run)",

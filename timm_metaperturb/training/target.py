@@ -39,6 +39,7 @@ from ..pretrained import network_weights_file, save_pretrained
 from ..regularizers import REGULARIZERS, add_regularizer, get_regularizer
 from ..sites import SiteModule
 from ..state_dicts import mismatch_report
+from .adversarial import adversarial_accuracy
 from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
 from .cpu_memory import keep_freed_memory
 from .data import Augmentation, EpochSampler, ImageTensors, crop_flip, normalise, seed_for, share_of_rank
@@ -97,6 +98,7 @@ class TargetConfig:
     eval_noise: str = "mean"  # one deterministic pass after re-estimating batch norm: as accurate as MC-10
     final_modes: str = ""
     corruptions: int = 0  # test images also evaluated under every corruption (0: none)
+    adversarial: int = 0  # test images also evaluated under L∞ PGD attacks (0: none)
     crop_padding: int = 4
     hflip: bool = True
     augment: str | None = None  # reference or timm; default: timm with --pretrained, else reference
@@ -134,6 +136,7 @@ class TargetConfig:
         "final_passes",
         "final_modes",
         "corruptions",
+        "adversarial",
         "loader",
         "workers",
         "report_to",
@@ -503,6 +506,8 @@ def _finish(cfg, command, model, attached, train, test, aug, history, strengths,
         run["evaluations"] = evaluate_modes(model, test, aug, final_modes, train)
     if cfg.corruptions:
         run["corruptions"] = evaluate_corrupted(model, test, aug, train, cfg.corruptions)
+    if cfg.adversarial:
+        run["adversarial"] = adversarial_accuracy(model, test, aug, train, cfg.adversarial, seed=cfg.seed)
     if "metaperturb" in attached:
         run["scales"] = {name: s.tolist() for name, s in get_injection(model).scales().items()}
         run["train_loss_phi"] = training_loss_with_and_without_noise(model, train, aug, cfg.batch_size)
