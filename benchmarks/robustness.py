@@ -29,30 +29,31 @@ RUNS = Path(__file__).with_name("runs")  # runs/<device>-robustness
 IMAGES = 1000  # test images per cell, each under 75 corruptions
 ROBUSTNESS_CELLS = [c for c in CELLS if c[1] in ("resnet20", "conv4")]
 QUICK_CELL: Cell = ("fmnist5-9", "resnet20")
-COLUMNS = ("clean", "corrupted", *FAMILIES, "mCE", "ECE clean", "ECE corrupted", "NLL corrupted")
+GROUPS = {"corrupted": CORRUPTIONS, **FAMILIES}  # every type, then each family
+TABLES = {  # the columns of each table of a cell: (metric, group or "clean")
+    "accuracy (%)": [("accuracy", "clean"), *(("accuracy", g) for g in GROUPS), ("mCE", "corrupted")],
+    "calibration: ECE (%) and NLL": [(metric, g) for metric in ("ece", "nll") for g in ("clean", *GROUPS)],
+}
 
 
-def run_summary(run: dict) -> dict[str, float]:
-    """One run's columns, from its run.json "corruptions": accuracies (%), calibration, and its errors per type."""
+def run_summary(run: dict) -> dict[tuple[str, str], float]:
+    """One run's numbers keyed (metric, group): each metric clean and averaged over every type and severity of a
+    group, its errors per type summed over severities (for mCE), and its adversarial accuracy per eps if measured."""
     result = run["corruptions"]
-    by_type = result["corrupted"]
-    every = [m for severities in by_type.values() for m in severities.values()]
-    summary = {
-        "clean": result["clean"]["accuracy"],
-        "corrupted": statistics.mean(m["accuracy"] for m in every),
-        **{
-            f: statistics.mean(m["accuracy"] for t in types for m in by_type[t].values())
-            for f, types in FAMILIES.items()
-        },
-        "ECE clean": result["clean"]["ece"],
-        "ECE corrupted": statistics.mean(m["ece"] for m in every),
-        "NLL corrupted": statistics.mean(m["nll"] for m in every),
-    }
-    summary.update({f"errors {t}": sum(100 - m["accuracy"] for m in by_type[t].values()) for t in CORRUPTIONS})
+    summary = {(metric, "clean"): result["clean"][metric] for metric in ("accuracy", "ece", "nll")}
+    for group, types in GROUPS.items():
+        every = [m for t in types for m in result["corrupted"][t].values()]
+        summary.update(
+            {(metric, group): statistics.mean(m[metric] for m in every) for metric in ("accuracy", "ece", "nll")}
+        )
+    for t in CORRUPTIONS:
+        summary[("errors", t)] = sum(100 - m["accuracy"] for m in result["corrupted"][t].values())
+    for eps, accuracy in (run.get("adversarial") or {}).get("accuracy", {}).items():
+        summary[("adversarial", eps)] = accuracy
     return summary
 
 
-def finished(runs: Path, cell: Cell, row: str, seeds: list[int]) -> dict[int, dict[str, float]]:
+def finished(runs: Path, cell: Cell, row: str, seeds: list[int]) -> dict[int, dict]:
     """Each finished run's summary, by seed."""
     found = {}
     for seed in seeds:
@@ -63,28 +64,37 @@ def finished(runs: Path, cell: Cell, row: str, seeds: list[int]) -> dict[int, di
 
 
 def corruption_error(row: dict[int, dict], base: dict[int, dict]) -> list[float]:
-    """mCE (base = 100) on each seed both have."""
+    """mCE (base = 100) on each seed both have: per type, errors over base's errors, averaged over types."""
     return [
-        100 * statistics.mean(row[s][f"errors {t}"] / max(base[s][f"errors {t}"], 1e-9) for t in CORRUPTIONS)
+        100 * statistics.mean(row[s][("errors", t)] / max(base[s][("errors", t)], 1e-9) for t in CORRUPTIONS)
         for s in row
         if s in base
     ]
 
 
-def cell_table(runs: Path, cell: Cell, names: list[str], seeds: list[int]) -> str:
-    """Mean ± std over seeds of every column, for each row that finished on this cell."""
-    lines = [f"**{cell[1]} on {cell[0]}** (accuracy and ECE in %)", "",
-             "| row | " + " | ".join(COLUMNS) + " | seeds |", "| --- |" + " --- |" * (len(COLUMNS) + 1)]  # fmt: skip
+def cell_tables(runs: Path, cell: Cell, names: list[str], seeds: list[int]) -> str:
+    """Mean ± std over seeds of each table's columns (and of adversarial accuracy, where measured), for each row
+    that finished on this cell."""
     base = finished(runs, cell, "base", seeds)
-    for name in names:
-        runs_of_row = finished(runs, cell, name, seeds)
-        if not runs_of_row:
-            continue
-        values = {c: [r[c] for r in runs_of_row.values()] for c in COLUMNS if c != "mCE"}
-        values["mCE"] = corruption_error(runs_of_row, base)
-        cells = [mean_std(values[c], 3 if c.startswith("NLL") else 2) if values[c] else "–" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs_of_row)} |")
-    return "\n".join(lines)
+    by_row = {name: found for name in names if (found := finished(runs, cell, name, seeds))}
+    eps = sorted({key[1] for found in by_row.values() for r in found.values() for key in r if key[0] == "adversarial"},
+                 key=lambda e: float(e.split("/")[0]))  # fmt: skip
+    tables = {**TABLES, **({"accuracy (%) under L∞ PGD, eps": [("adversarial", e) for e in eps]} if eps else {})}
+    text = []
+    for title, columns in tables.items():
+        labels = [group if metric in ("accuracy", "adversarial", "mCE") else f"{metric.upper()} {group}"
+                  for metric, group in columns]  # fmt: skip
+        lines = [f"**{cell[1]} on {cell[0]}, {title}**", "", "| row | " + " | ".join(labels) + " | seeds |",
+                 "| --- |" + " --- |" * (len(columns) + 1)]  # fmt: skip
+        for name, found in by_row.items():
+            values = [corruption_error(found, base) if metric == "mCE" else
+                      [r[(metric, group)] for r in found.values() if (metric, group) in r]
+                      for metric, group in columns]  # fmt: skip
+            cells = [mean_std(v, 3 if metric == "nll" else 2) if v else "–"
+                     for v, (metric, _) in zip(values, columns, strict=True)]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(found)} |")
+        text.append("\n".join(lines))
+    return "\n\n".join(text)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")
     parser.add_argument("--cells", help="only these target:network cells, e.g. digits:conv4")
     parser.add_argument("--images", type=int, default=IMAGES, help="test images per cell under each corruption")
+    parser.add_argument("--adversarial", type=int, default=0, help="test images per cell under PGD (0: no attack)")
     parser.add_argument("--authors-phi", type=Path, default=AUTHORS_PHI, help="the authors' φ; row left out if absent")
     parser.add_argument("--runs-dir", type=Path, help="default: benchmarks/runs/<device>-robustness")
     add_workers_argument(parser)
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None) -> str:
             parser.error(f"unknown rows {unknown_rows}; choose from {', '.join(table_rows)}")
         table_rows = {k: v for k, v in table_rows.items() if k in args.rows.split(",")}
     common = ["--steps", str(STEPS), "--eval-every", str(STEPS), "--eval-noise", "sample", "--final-passes", "1",
-              "--final-modes", "mean-bn", "--corruptions", str(args.images), "--no-plots",
+              "--final-modes", "mean-bn", "--corruptions", str(args.images), "--adversarial", str(args.adversarial),
+              "--no-plots",
               "--device", args.device]  # fmt: skip
     jobs = [
         (
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{len(CORRUPTIONS)} corruption types x 5 severities (imagecorruptions); columns: clean and mean corrupted "
             "accuracy, mean accuracy per family, mCE against base (100 = base's errors), ECE clean and under "
             "corruption, NLL under corruption. Every row in its default evaluation.",
-            *(cell_table(runs, cell, list(table_rows), seeds) for cell in cells),
+            *(cell_tables(runs, cell, list(table_rows), seeds) for cell in cells),
         ]
     )
     write_section("robustness" + ("-quick" if args.quick else ""), text, args.results)

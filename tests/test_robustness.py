@@ -14,8 +14,9 @@ def write_run(runs, cell, row, seed, clean, noisy, other, ece=5.0):
                  for t in CORRUPTIONS}  # fmt: skip
     out = run_dir(runs, cell, row, seed)
     out.mkdir(parents=True)
-    (out / "run.json").write_text(json.dumps({"corruptions": {"images": 10, "clean": {**metrics, "accuracy": clean},
-                                                              "corrupted": corrupted}}))  # fmt: skip
+    run = {"corruptions": {"images": 10, "clean": {**metrics, "accuracy": clean}, "corrupted": corrupted},
+           "adversarial": {"accuracy": {"0": clean, "8/255": noisy / 2, "2/255": noisy}}}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(run))
 
 
 def test_columns_and_mce_against_base(tmp_path):
@@ -23,12 +24,16 @@ def test_columns_and_mce_against_base(tmp_path):
     write_run(tmp_path, cell, "base", 0, clean=90.0, noisy=60.0, other=80.0)
     write_run(tmp_path, cell, "metaperturb", 0, clean=91.0, noisy=80.0, other=80.0, ece=2.0)
     summary = run_summary(json.loads((run_dir(tmp_path, cell, "metaperturb", 0) / "run.json").read_text()))
-    assert summary["noise"] == 80.0 and summary["corrupted"] == 80.0 and summary["errors gaussian_noise"] == 100.0
+    assert summary[("accuracy", "noise")] == 80.0 and summary[("accuracy", "corrupted")] == 80.0
+    assert summary[("errors", "gaussian_noise")] == 100.0 and summary[("ece", "blur")] == 2.0
     text = main(["--quick", "--table-only", "--rows", "base,metaperturb", "--runs-dir", str(tmp_path),
                  "--results", str(tmp_path / "R.md")])  # fmt: skip
-    base_row = next(line for line in text.splitlines() if line.startswith("| base |"))
-    phi_row = next(line for line in text.splitlines() if line.startswith("| metaperturb |"))
-    assert "| 100.00 ± 0.00 |" in base_row and "| 76.00 ± 0.00 |" in base_row  # mean of 3 types at 60, 12 at 80
+    lines = text.splitlines()
+    base_accuracy, base_calibration, _ = [line for line in lines if line.startswith("| base |")]
+    phi_accuracy, phi_calibration, phi_pgd = [line for line in lines if line.startswith("| metaperturb |")]
+    assert "| 100.00 ± 0.00 |" in base_accuracy and "| 76.00 ± 0.00 |" in base_accuracy  # 3 types at 60, 12 at 80
     # φ halves the noise types' errors (20 against 40) and matches base elsewhere: mCE = (3 x 50 + 12 x 100) / 15
-    assert "| 90.00 ± 0.00 |" in phi_row and "| 2.00 ± 0.00 |" in phi_row
+    assert phi_accuracy.endswith("| 90.00 ± 0.00 | 1 |") and "| 5.00 ± 0.00 |" in base_calibration
+    assert "| 2.00 ± 0.00 |" in phi_calibration and "| 5.00 ± 0.00 |" not in phi_calibration
+    assert "eps**" in text and phi_pgd == "| metaperturb | 91.00 ± 0.00 | 80.00 ± 0.00 | 40.00 ± 0.00 | 1 |"  # 0, 2, 8
     assert "2 of 2 runs finished" in text and "<!-- robustness-quick:start -->" in (tmp_path / "R.md").read_text()
