@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.results import RESULTS, machine, write_section
-from benchmarks.transfer import AUTHORS_PHI, CELLS, STEPS, Cell, rows, run_dir, target_args
+from benchmarks.transfer import AUTHORS_PHI, CELLS, STEPS, Cell, recipe, report, rows, run_dir, table_jobs
 from timm_metaperturb.training.corruptions import CORRUPTIONS, FAMILIES
 from train.compare import add_workers_argument, mean_std, run_all
 
@@ -125,19 +125,8 @@ def main(argv: list[str] | None = None) -> str:
         if unknown_rows := set(args.rows.split(",")) - set(table_rows):
             parser.error(f"unknown rows {unknown_rows}; choose from {', '.join(table_rows)}")
         table_rows = {k: v for k, v in table_rows.items() if k in args.rows.split(",")}
-    common = ["--steps", str(STEPS), "--eval-every", str(STEPS), "--eval-noise", "sample", "--final-passes", "1",
-              "--final-modes", "mean-bn", "--corruptions", str(args.images), "--adversarial", str(args.adversarial),
-              "--no-plots",
-              "--device", args.device]  # fmt: skip
-    jobs = [
-        (
-            run_dir(runs, cell, row, seed),
-            [*target_args(cell[0]), "--model", cell[1], *extra, *common, "--seed", str(seed)],
-        )
-        for seed in seeds
-        for cell in cells
-        for row, extra in table_rows.items()
-    ]
+    extra = ["--corruptions", str(args.images), "--adversarial", str(args.adversarial)]
+    jobs = table_jobs(runs, cells, table_rows, seeds, [*recipe(STEPS, "mean-bn", args.device), *extra])
     started = time.time()
     failures = [] if args.table_only else run_all(jobs, args.workers)
     done = sum((out / "run.json").is_file() for out, _ in jobs)
@@ -156,10 +145,7 @@ def main(argv: list[str] | None = None) -> str:
         ]
     )
     write_section("robustness" + ("-quick" if args.quick else ""), text, args.results)
-    print(text)
-    if failures:
-        sys.exit("failed runs (the table holds the others):\n" + "\n".join(failures))
-    return text
+    return report(text, failures)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,27 @@ def is_combination(row: str) -> bool:
     return len(methods) > 1 and len(set(methods)) == len(methods) and set(methods) <= {*BASELINES[1:], "metaperturb"}
 
 
+def recipe(steps: int, modes: str, device: str) -> list[str]:
+    """The train/target.py arguments every run of a table shares: every evaluation the table reads comes from
+    --final-modes; the run's own final one is a single sampled pass."""
+    return ["--steps", str(steps), "--eval-every", str(steps), "--eval-noise", "sample", "--final-passes", "1",
+            "--final-modes", modes, "--no-plots", "--device", device]  # fmt: skip
+
+
+def table_jobs(runs: Path, cells: list[Cell], table_rows: dict[str, list[str]], seeds: list[int],
+               common: list[str]) -> list[tuple[Path, list[str]]]:  # fmt: skip
+    """(run folder, train/target.py arguments) of every seed, cell and row."""
+    return [
+        (
+            run_dir(runs, cell, row, seed),
+            [*target_args(cell[0]), "--model", cell[1], *extra, *common, "--seed", str(seed)],
+        )
+        for seed in seeds
+        for cell in cells
+        for row, extra in table_rows.items()
+    ]
+
+
 def run_dir(runs: Path, cell: Cell, row: str, seed: int) -> Path:
     return runs / f"{cell[0]}-{cell[1]}" / row / f"seed{seed}"
 
@@ -360,18 +381,7 @@ def main(argv: list[str] | None = None) -> str:
                 "combine methods with +, e.g. metaperturb+manifold_mixup"
             )
         table_rows = {k: v for k, v in table_rows.items() if k in wanted_rows}
-    # every evaluation the table reads comes from --final-modes; the run's own final one is a single sampled pass
-    common = ["--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-noise", "sample",
-              "--final-passes", "1", "--final-modes", args.modes, "--no-plots", "--device", args.device]  # fmt: skip
-    jobs = [
-        (
-            run_dir(args.runs_dir, cell, row, seed),
-            [*target_args(cell[0]), "--model", cell[1], *extra, *common, "--seed", str(seed)],
-        )
-        for seed in seeds
-        for cell in cells
-        for row, extra in table_rows.items()
-    ]
+    jobs = table_jobs(args.runs_dir, cells, table_rows, seeds, recipe(args.steps, args.modes, args.device))
     started = time.time()
     failures = [] if args.table_only else run_all(jobs, args.workers)
     names = list(table_rows)
@@ -409,6 +419,11 @@ def main(argv: list[str] | None = None) -> str:
     if args.update_card:
         source = f"benchmarks/transfer.py, {args.device}, {args.steps} steps: accuracy % (seeds)"
         update_default_card(card_rows(args.runs_dir, cells, seeds, source))
+    return report(text, failures)
+
+
+def report(text: str, failures: list[str]) -> str:
+    """Print a table's text; exit with the failed runs' messages if any run failed."""
     print(text)
     if failures:
         sys.exit("failed runs (the table holds the others):\n" + "\n".join(failures))
