@@ -9,7 +9,7 @@ from conftest import run_python
 from test_data import make_image_folder
 
 from timm_metaperturb import MetaPerturb
-from timm_metaperturb.training.meta import MetaTrainConfig, initial_phi
+from timm_metaperturb.training.meta import MetaTrainConfig, collapse_warning, initial_phi
 
 TINY = ["--model", "conv4", "--image-size", "16", "--batch-size", "8", "--groups", "2", "--log-every", "1"]
 
@@ -230,3 +230,18 @@ def test_bad_input_fails_before_training(tmp_path, images, args, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         meta_train(cfg, Accelerator(cpu=True))
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_collapsed_validation_is_warned_with_what_to_do():
+    def history(losses, accuracies):
+        return [{"step": 10 * (i + 1), "val_loss": v, "val_acc": a}
+                for i, (v, a) in enumerate(zip(losses, accuracies, strict=True))]  # fmt: skip
+
+    assert collapse_warning(history([3.0, 2.7, 2.1, 0.9], [0.05, 0.1, 0.3, 0.7])) is None
+    assert collapse_warning(history([3.0, 2.1, 2.5], [0.05, 0.3, 0.25])) is None  # a rise, not a collapse
+    # one of three seeds of the letters recipe, as its run.json logged it
+    warning = collapse_warning(history([3.0, 2.89, 2.78, 2.52, 2.3, 2.56, 4.84, 7.97],
+                                       [0.04, 0.09, 0.11, 0.17, 0.23, 0.2, 0.11, 0.14]))  # fmt: skip
+    assert "rose from 2.30 at step 50 to 7.97 at step 80" in warning and "--seed" in warning
+    assert "up to step 50" in warning
+    assert collapse_warning([]) is None

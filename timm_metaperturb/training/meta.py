@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -332,10 +333,31 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     everyone = accelerator.gather(flat_phi[None])
     identical = bool((everyone == everyone[0]).all())
     if accelerator.is_main_process:
+        if warning := collapse_warning(history):
+            warnings.warn(warning, stacklevel=2)
         wall_time = elapsed + time.time() - started
         _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, wall_time, command)
     accelerator.end_training()
     return phi
+
+
+def collapse_warning(history: list[dict], rise: float = 1.5) -> str | None:
+    """A warning when the tasks' validation loss ended above `rise` times its lowest: the run's φ then harms the
+    networks it was meant to help (seen on one of three seeds of the same recipe), and an earlier checkpoint or
+    another seed serves better."""
+    if not history:
+        return None
+    best = min(history, key=lambda record: record["val_loss"])
+    last = history[-1]
+    if last["val_loss"] <= rise * best["val_loss"]:
+        return None
+    return (
+        f"the tasks' validation loss rose from {best['val_loss']:.2f} at step {best['step']} to "
+        f"{last['val_loss']:.2f} at step {last['step']} (accuracy {best['val_acc']:.2f} to {last['val_acc']:.2f}): "
+        "this φ hurts the networks it was meta-trained with. Meta-train again with another --seed, or keep the φ of "
+        f"a checkpoint up to step {best['step']}: the same command with --resume-from OUTPUT/checkpoints/step_K "
+        "--steps K writes it."
+    )
 
 
 def _log(step: int, metrics: torch.Tensor, accelerator, bar) -> dict:
@@ -402,6 +424,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "world_size": world_size,
         **run_environment(),
         "phi_identical_across_processes": identical,
+        "warnings": [w] if (w := collapse_warning(history)) else [],
         "wall_time_s": wall_time,
         "tasks": [
             {"index": t.index, "classes": list(t.classes), "train": len(t.train), "val": len(t.val)} for t in tasks
