@@ -1,7 +1,11 @@
 """Where φ earns its cost: accuracy and calibration under corruption, every row of the transfer table side by side.
 
-    python -m benchmarks.robustness --quick   # seed 0, resnet20 on Fashion-MNIST 5-9 (about an hour on 2 CPU cores)
+    python -m benchmarks.robustness --quick   # seed 0, resnet20 on Fashion-MNIST 5-9: one run per row
     python -m benchmarks.robustness           # resnet20 and conv4 on Fashion-MNIST 5-9 and digits, 3 seeds
+    python -m benchmarks.robustness --quick --adversarial 1000   # and L∞ PGD on 1,000 test images
+
+Rows: the transfer table's (base, the three baselines, the shipped and the authors' φ) and the robustness anchors a
+user would otherwise pick, alone and with φ: Gaussian noise augmentation (`--noise-augment 0.2`).
 
 Each run is one `train/target.py` process of the transfer table's recipe (800 steps) with `--corruptions 1000`: the
 run's default evaluation (MetaPerturb: noise at its expectation, batch norm re-estimated; baselines: batch norm
@@ -29,6 +33,11 @@ RUNS = Path(__file__).with_name("runs")  # runs/<device>-robustness
 IMAGES = 1000  # test images per cell, each under 75 corruptions
 ROBUSTNESS_CELLS = [c for c in CELLS if c[1] in ("resnet20", "conv4")]
 QUICK_CELL: Cell = ("fmnist5-9", "resnet20")
+NOISE_AUGMENT = "0.2"  # the largest std of the noise augmentation rows (pixels in [0, 1])
+ANCHORS = {  # what a user would otherwise train for robustness, alone and with φ
+    "noise_augment": ["--method", "base", "--noise-augment", NOISE_AUGMENT],
+    "noise_augment+metaperturb": ["--method", "metaperturb", "--noise-augment", NOISE_AUGMENT],
+}
 GROUPS = {"corrupted": CORRUPTIONS, **FAMILIES}  # every type, then each family
 TABLES = {  # the columns of each table of a cell: (metric, group or "clean")
     "accuracy (%)": [("accuracy", "clean"), *(("accuracy", g) for g in GROUPS), ("mCE", "corrupted")],
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> str:
         if unknown := [c for c in wanted if c not in ROBUSTNESS_CELLS]:
             parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in ROBUSTNESS_CELLS)}")
         cells = wanted
-    table_rows = rows(args.authors_phi if args.authors_phi.is_file() else None, {}, ablation=False)
+    table_rows = rows(args.authors_phi if args.authors_phi.is_file() else None, {}, ablation=False) | ANCHORS
     if args.rows:
         if unknown_rows := set(args.rows.split(",")) - set(table_rows):
             parser.error(f"unknown rows {unknown_rows}; choose from {', '.join(table_rows)}")

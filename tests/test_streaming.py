@@ -30,15 +30,18 @@ def config(folder, **overrides) -> TargetConfig:
 
 def batches(cfg, train, steps: int, rank: int = 0, world_size: int = 1) -> list:
     sampler = EpochSampler(len(train), cfg.batch_size, 7)
-    source = TrainBatches(train, Augmentation(cfg.crop_padding, cfg.hflip), sampler, cfg, 0, "cpu", rank, world_size)
+    aug = Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment)
+    source = TrainBatches(train, aug, sampler, cfg, 0, "cpu", rank, world_size)
     return [source.next() for _ in range(steps)]
 
 
-def test_streamed_batches_equal_the_in_memory_ones(folder):
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_streamed_batches_equal_the_in_memory_ones(folder, noise):
     """The reference recipe over files of two sizes, grayscale and colour: the same training batches (crops and
-    flips included, across an epoch boundary), the same evaluation batches, and two processes' shares of a batch
-    put together are the one-process batch."""
-    memory_cfg, stream_cfg = config(folder, loader="memory", steps=8), config(folder, loader="stream", steps=8)
+    flips included, across an epoch boundary; pixel noise too), the same evaluation batches, and two processes'
+    shares of a batch put together are the one-process batch."""
+    memory_cfg = config(folder, loader="memory", steps=8, noise_augment=noise)
+    stream_cfg = config(folder, loader="stream", steps=8, noise_augment=noise)
     memory, memory_test = prepare_data(memory_cfg)
     stream, stream_test = prepare_data(stream_cfg)
     assert isinstance(stream, StreamedImages) and not isinstance(memory, StreamedImages)
@@ -169,3 +172,15 @@ def test_photo_folder_writes_real_photos_of_varied_sizes(tmp_path):
     images = [Image.open(f) for f in files]
     assert {im.mode for im in images} == {"L", "RGB"} and len({im.size for im in images}) > 30
     assert all(f.read_bytes() == (again / f.relative_to(first)).read_bytes() for f in files)
+
+
+def test_noise_augmentation_adds_bounded_noise_to_the_same_crops(folder):
+    clean_cfg, noisy_cfg = config(folder, loader="memory"), config(folder, loader="memory", noise_augment=0.2)
+    train, _ = prepare_data(clean_cfg)
+    (clean, y), (noisy, y_noisy) = batches(clean_cfg, train, 1)[0], batches(noisy_cfg, train, 1)[0]
+    assert torch.equal(y, y_noisy), "noise is drawn after the order, crops and flips: the same images"
+    difference = (noisy - clean) * 0.5  # back to pixels in [0, 1]
+    per_image = difference.flatten(1).std(1)
+    assert 0 < per_image.max() <= 0.2 and per_image.std() > 0.01, "each image has its own std, at most 0.2"
+    with pytest.raises(ValueError, match="--augment reference"):
+        prepare_data(config(folder, augment="timm", noise_augment=0.2))

@@ -199,19 +199,36 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Augmentation:
     """The reference's transforms: random crop with `crop_padding` zero padding, horizontal flip, then
-    normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1]; a pretrained network's per channel)."""
+    normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1]; a pretrained network's per channel).
+    With `noise` > 0, each training image also gets Gaussian pixel noise of a std drawn from [0, noise] (pixels in
+    [0, 1], clipped back to it): the noise augmentation that robustness to corrupted images is often trained with."""
 
     crop_padding: int = 4
     hflip: bool = True
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
+    noise: float = 0.0
 
 
-def normalise(images: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-    """uint8 images (..., C, H, W) to floats normalised with `aug`'s mean and std (numbers, or one per channel)."""
+def normalise(images: torch.Tensor, aug: Augmentation, draws: CropFlip | None = None) -> torch.Tensor:
+    """uint8 images (..., C, H, W) to floats normalised with `aug`'s mean and std (numbers, or one per channel);
+    training images with their `draws` also get their pixel noise, if the augmentation adds any."""
     mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) if isinstance(v, tuple) else v
                  for v in (aug.mean, aug.std))  # fmt: skip
-    return (images.float() / 255 - mean) / std
+    pixels = images.float() / 255
+    if draws is not None and draws.noise_seed is not None:
+        pixels = (pixels + pixel_noise(pixels.shape, draws.noise_seed, aug.noise).to(pixels.device)).clamp(0, 1)
+    return (pixels - mean) / std
+
+
+def pixel_noise(shape: torch.Size, seeds: torch.Tensor, largest: float) -> torch.Tensor:
+    """Gaussian noise for a batch of images, each image's from its own seed (so a process or a loader worker makes
+    exactly the noise of its share of a batch): std drawn from [0, largest], then the noise."""
+    noise = torch.empty(shape)
+    for i, seed in enumerate(seeds.tolist()):
+        generator = torch.Generator().manual_seed(seed)
+        noise[i] = largest * torch.rand((), generator=generator) * torch.randn(shape[1:], generator=generator)
+    return noise
 
 
 @dataclass(frozen=True)
@@ -223,9 +240,10 @@ class CropFlip:
     dy: torch.Tensor | None
     dx: torch.Tensor | None
     flip: torch.Tensor | None
+    noise_seed: torch.Tensor | None = None
 
     def __getitem__(self, index) -> CropFlip:
-        return CropFlip(*(None if t is None else t[index] for t in (self.dy, self.dx, self.flip)))
+        return CropFlip(*(None if t is None else t[index] for t in (self.dy, self.dx, self.flip, self.noise_seed)))
 
 
 def draw_crop_flip(n: int, aug: Augmentation, generator: torch.Generator) -> CropFlip:
@@ -233,7 +251,9 @@ def draw_crop_flip(n: int, aug: Augmentation, generator: torch.Generator) -> Cro
     dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
     dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
     flip = torch.rand(n, generator=generator) < 0.5 if aug.hflip else None
-    return CropFlip(dy, dx, flip)
+    # drawn last, so that without noise every other draw is what it was
+    noise_seed = torch.randint(0, 2**62, (n,), generator=generator) if aug.noise else None
+    return CropFlip(dy, dx, flip, noise_seed)
 
 
 def crop_flip(images: torch.Tensor, draws: CropFlip, aug: Augmentation) -> torch.Tensor:
@@ -253,7 +273,8 @@ def crop_flip(images: torch.Tensor, draws: CropFlip, aug: Augmentation) -> torch
 
 def augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
     """A training batch from uint8 images: per-image random crop and flip drawn from `generator`, normalised."""
-    return normalise(crop_flip(images, draw_crop_flip(len(images), aug, generator), aug), aug)
+    draws = draw_crop_flip(len(images), aug, generator)
+    return normalise(crop_flip(images, draws, aug), aug, draws)
 
 
 class EpochSampler:

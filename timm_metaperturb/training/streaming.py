@@ -132,9 +132,9 @@ class ReferenceTransform:
 
     def __call__(self, image, draws: CropFlip | None) -> torch.Tensor:
         pixels = _resize(torch.from_numpy(np.array(as_array(image)))[None], self.size)  # a writable copy
-        if draws is not None:
-            pixels = crop_flip(pixels, draws, self.aug)
-        return normalise(pixels[0], self.aug)
+        if draws is None:
+            return normalise(pixels[0], self.aug)
+        return normalise(crop_flip(pixels, draws, self.aug), self.aug, draws)[0]
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class TargetConfig:
     adversarial: int = 0  # test images also evaluated under L∞ PGD attacks (0: none)
     crop_padding: int = 4
     hflip: bool = True
+    noise_augment: float = 0.0  # largest std of Gaussian pixel noise added to training images (0: none)
     augment: str | None = None  # reference or timm; default: timm with --pretrained, else reference
     auto_augment: str | None = None
     loader: str = "auto"
@@ -160,6 +161,8 @@ class TargetConfig:
         kind = self.augment or ("timm" if self.pretrained else "reference")
         if kind not in TRANSFORMS:
             raise ValueError(f"--augment {kind!r}: choose from {', '.join(TRANSFORMS)}")
+        if self.noise_augment and kind != "reference":
+            raise ValueError("--noise-augment adds its noise in the reference augmentation: pass --augment reference")
         return kind
 
     def output_dir(self) -> Path:
@@ -288,7 +291,7 @@ def prepare_data(
         raise ValueError("--augment timm decodes each image in a loader worker: use --loader stream (or auto)")
     if not streamed:
         return selected.materialise(cfg.image_size, False)
-    aug = aug or Augmentation(cfg.crop_padding, cfg.hflip)
+    aug = aug or Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment)
     if kind == "timm":
         if model is None:
             model = timm.create_model(cfg.model, pretrained=False, num_classes=len(selected.class_names))
@@ -320,7 +323,8 @@ class TrainBatches:
         part = share_of_rank(len(idx), self.rank, self.world_size)
         if self.stream is None:
             images = crop_flip(self.train.images[idx[part]], draws[part], self.aug)
-            return normalise(images.to(self.device), self.aug), self.train.labels[idx[part]].to(self.device)
+            x = normalise(images.to(self.device), self.aug, draws[part])
+            return x, self.train.labels[idx[part]].to(self.device)
         x, y, positions = next(self.stream)
         if not set(positions.tolist()) <= set(idx[part].tolist()):
             raise RuntimeError("the loader's batch is not the sampler's: the run's batches went out of step")
@@ -376,7 +380,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     selected = select_target_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
-    aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg))
+    aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg), noise=cfg.noise_augment)
     train, test = prepare_data(cfg, model, aug, selected, world)
     synchronised_noise = world > 1 and cfg.sync_stats and "metaperturb" in attached
     if world > 1 and not cfg.sync_stats:  # each process its own noise (and masks, and mixing), like dropout
