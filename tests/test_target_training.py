@@ -486,6 +486,7 @@ def test_a_run_that_ends_far_from_fitting_warns_what_to_do(tmp_path, phi_dir):
 
 
 def test_adversarial_accuracy_starts_at_the_default_evaluation_and_falls_with_eps(tmp_path, phi_dir):
+    pytest.importorskip("torchattacks", reason="pip install --no-deps torchattacks==3.5.1 (CI does)")
     cfg = TargetConfig(**{**TINY, "phi": phi_dir, "steps": 40, "adversarial": 48, "output": str(tmp_path / "r")})
     run = train_target(cfg)
     assert set(run["adversarial"]["accuracy"]) == {"0", "1/255", "2/255", "4/255", "8/255"}
