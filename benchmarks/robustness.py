@@ -5,7 +5,8 @@
     python -m benchmarks.robustness --quick --adversarial 1000   # and L∞ PGD on 1,000 test images
 
 Rows: the transfer table's (base, the three baselines, the shipped and the authors' φ) and the robustness anchors a
-user would otherwise pick, alone and with φ: Gaussian noise augmentation (`--noise-augment 0.2`).
+user would otherwise pick, alone and with φ: Gaussian noise augmentation (`--noise-augment 0.2`) and AugMix
+(`--augmix 3`, its augmentation without its consistency loss).
 
 Each run is one `train/target.py` process of the transfer table's recipe (800 steps) with `--corruptions 1000`: the
 run's default evaluation (MetaPerturb: noise at its expectation, batch norm re-estimated; baselines: batch norm
@@ -37,6 +38,8 @@ NOISE_AUGMENT = "0.2"  # the largest std of the noise augmentation rows (pixels 
 ANCHORS = {  # what a user would otherwise train for robustness, alone and with φ
     "noise_augment": ["--method", "base", "--noise-augment", NOISE_AUGMENT],
     "noise_augment+metaperturb": ["--method", "metaperturb", "--noise-augment", NOISE_AUGMENT],
+    "augmix": ["--method", "base", "--augmix", "3"],
+    "augmix+metaperturb": ["--method", "metaperturb", "--augmix", "3"],
 }
 GROUPS = {"corrupted": CORRUPTIONS, **FAMILIES}  # every type, then each family
 TABLES = {  # the columns of each table of a cell: (metric, group or "clean")

@@ -30,18 +30,18 @@ def config(folder, **overrides) -> TargetConfig:
 
 def batches(cfg, train, steps: int, rank: int = 0, world_size: int = 1) -> list:
     sampler = EpochSampler(len(train), cfg.batch_size, 7)
-    aug = Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment)
+    aug = Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment, augmix=cfg.augmix)
     source = TrainBatches(train, aug, sampler, cfg, 0, "cpu", rank, world_size)
     return [source.next() for _ in range(steps)]
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.2])
-def test_streamed_batches_equal_the_in_memory_ones(folder, noise):
+@pytest.mark.parametrize(("noise", "augmix"), [(0.0, 0), (0.2, 3)])
+def test_streamed_batches_equal_the_in_memory_ones(folder, noise, augmix):
     """The reference recipe over files of two sizes, grayscale and colour: the same training batches (crops and
-    flips included, across an epoch boundary; pixel noise too), the same evaluation batches, and two processes'
-    shares of a batch put together are the one-process batch."""
-    memory_cfg = config(folder, loader="memory", steps=8, noise_augment=noise)
-    stream_cfg = config(folder, loader="stream", steps=8, noise_augment=noise)
+    flips included, across an epoch boundary; AugMix and pixel noise too), the same evaluation batches, and two
+    processes' shares of a batch put together are the one-process batch."""
+    memory_cfg = config(folder, loader="memory", steps=8, noise_augment=noise, augmix=augmix)
+    stream_cfg = config(folder, loader="stream", steps=8, noise_augment=noise, augmix=augmix)
     memory, memory_test = prepare_data(memory_cfg)
     stream, stream_test = prepare_data(stream_cfg)
     assert isinstance(stream, StreamedImages) and not isinstance(memory, StreamedImages)
@@ -184,3 +184,13 @@ def test_noise_augmentation_adds_bounded_noise_to_the_same_crops(folder):
     assert 0 < per_image.max() <= 0.2 and per_image.std() > 0.01, "each image has its own std, at most 0.2"
     with pytest.raises(ValueError, match="--augment reference"):
         prepare_data(config(folder, augment="timm", noise_augment=0.2))
+
+
+def test_augmix_changes_each_image_its_own_way_and_keeps_the_rest(folder):
+    clean_cfg, mixed_cfg = config(folder, loader="memory"), config(folder, loader="memory", augmix=3)
+    train, _ = prepare_data(clean_cfg)
+    (clean, y), (mixed, y_mixed) = batches(clean_cfg, train, 1)[0], batches(mixed_cfg, train, 1)[0]
+    assert torch.equal(y, y_mixed) and clean.shape == mixed.shape
+    changed = (mixed - clean).abs().flatten(1).mean(1)
+    assert (changed > 0).float().mean() > 0.5, "most images are changed"
+    assert torch.equal(batches(mixed_cfg, train, 1)[0][0], mixed), "the same seed gives the same mixes"

@@ -76,6 +76,8 @@ HELP = {
     "noise, expected noise after re-estimating batch norm; baselines: final, final-bn)",
     "noise_augment": "add Gaussian pixel noise to each training image, its std drawn from [0, N] (pixels in [0, 1]; "
     "reference augmentation only): a robustness baseline",
+    "augmix": "AugMix on each training image at this severity (the paper's 3; its own operations, none of the test "
+    "corruptions; reference augmentation only): a robustness baseline",
     "corruptions": "also evaluate on N test images under each of imagecorruptions' 15 types at 5 severities, in the "
     "default evaluation (made once and cached; needs the robustness extra)",
     "adversarial": "also evaluate on N test images under L∞ PGD (torchattacks; 20 steps, eps 1, 2, 4, 8 / 255) in the "

@@ -15,7 +15,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,14 +202,16 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 class Augmentation:
     """The reference's transforms: random crop with `crop_padding` zero padding, horizontal flip, then
     normalisation with `mean` and `std` (0.5, 0.5: images in [-1, 1]; a pretrained network's per channel).
-    With `noise` > 0, each training image also gets Gaussian pixel noise of a std drawn from [0, noise] (pixels in
-    [0, 1], clipped back to it): the noise augmentation that robustness to corrupted images is often trained with."""
+    Two augmentations that robustness to corrupted images is often trained with, each off at 0: `augmix`, AugMix at
+    that severity (the paper's 3) after the crop and flip, and `noise`, Gaussian pixel noise of a std drawn from
+    [0, noise] per image (pixels in [0, 1], clipped back to it)."""
 
     crop_padding: int = 4
     hflip: bool = True
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
     noise: float = 0.0
+    augmix: int = 0
 
 
 def normalise(images: torch.Tensor, aug: Augmentation, draws: CropFlip | None = None) -> torch.Tensor:
@@ -215,10 +219,50 @@ def normalise(images: torch.Tensor, aug: Augmentation, draws: CropFlip | None = 
     training images with their `draws` also get their pixel noise, if the augmentation adds any."""
     mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) if isinstance(v, tuple) else v
                  for v in (aug.mean, aug.std))  # fmt: skip
+    seeds = None if draws is None else draws.image_seed
+    if seeds is not None and aug.augmix:
+        images = augmix(images, seeds, aug.augmix)
     pixels = images.float() / 255
-    if draws is not None and draws.noise_seed is not None:
-        pixels = (pixels + pixel_noise(pixels.shape, draws.noise_seed, aug.noise).to(pixels.device)).clamp(0, 1)
+    if seeds is not None and aug.noise:
+        pixels = (pixels + pixel_noise(pixels.shape, seeds, aug.noise).to(pixels.device)).clamp(0, 1)
     return (pixels - mean) / std
+
+
+# AugMix's own operations (Hendrycks et al., 2020): none of them is one of the corruptions it is tested on (no
+# contrast, colour, brightness or sharpness change), as timm's default AugMix list would have
+AUGMIX_OPS = ["AutoContrast", "Equalize", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "ShearX", "ShearY",
+              "TranslateXRel", "TranslateYRel"]  # fmt: skip
+
+
+@contextmanager
+def seeded_generators(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators seeded from `seed` for the block (timm's transforms draw from
+    all three), their states restored afterwards, so that the training's own random state is left alone."""
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def augmix(images: torch.Tensor, seeds: torch.Tensor, severity: int) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) through timm's AugMix (width 3, depth 1-3, alpha 1) with AugMix's own operations,
+    each image drawn from its own seed: AugMix's augmentation, without its consistency loss."""
+    from PIL import Image
+    from timm.data.auto_augment import AugMixAugment, augmix_ops
+
+    mix = AugMixAugment(augmix_ops(severity, {"magnitude_std": float("inf")}, AUGMIX_OPS), alpha=1.0, width=3)
+    out = []
+    for image, seed in zip(images.cpu(), seeds.tolist(), strict=True):
+        with seeded_generators(seed):
+            mixed = mix(Image.fromarray(image.permute(1, 2, 0).numpy()))
+        out.append(torch.from_numpy(np.asarray(mixed, dtype=np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(out).to(images.device)
 
 
 def pixel_noise(shape: torch.Size, seeds: torch.Tensor, largest: float) -> torch.Tensor:
@@ -240,10 +284,10 @@ class CropFlip:
     dy: torch.Tensor | None
     dx: torch.Tensor | None
     flip: torch.Tensor | None
-    noise_seed: torch.Tensor | None = None
+    image_seed: torch.Tensor | None = None  # for the augmentations drawn per image (AugMix, pixel noise)
 
     def __getitem__(self, index) -> CropFlip:
-        return CropFlip(*(None if t is None else t[index] for t in (self.dy, self.dx, self.flip, self.noise_seed)))
+        return CropFlip(*(None if t is None else t[index] for t in (self.dy, self.dx, self.flip, self.image_seed)))
 
 
 def draw_crop_flip(n: int, aug: Augmentation, generator: torch.Generator) -> CropFlip:
@@ -251,9 +295,9 @@ def draw_crop_flip(n: int, aug: Augmentation, generator: torch.Generator) -> Cro
     dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
     dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else None
     flip = torch.rand(n, generator=generator) < 0.5 if aug.hflip else None
-    # drawn last, so that without noise every other draw is what it was
-    noise_seed = torch.randint(0, 2**62, (n,), generator=generator) if aug.noise else None
-    return CropFlip(dy, dx, flip, noise_seed)
+    # drawn last, so that without them every other draw is what it was
+    image_seed = torch.randint(0, 2**62, (n,), generator=generator) if aug.noise or aug.augmix else None
+    return CropFlip(dy, dx, flip, image_seed)
 
 
 def crop_flip(images: torch.Tensor, draws: CropFlip, aug: Augmentation) -> torch.Tensor:

@@ -14,7 +14,6 @@ for it, with one of two training transforms:
 from __future__ import annotations
 
 import io
-import random
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from .data import (
     draw_crop_flip,
     normalise,
     seed_for,
+    seeded_generators,
     share_of_rank,
 )
 
@@ -151,16 +151,8 @@ class SeededTransform:
         image = image.convert("RGB")
         if seed is None:
             return self.transform(image)
-        states = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                torch.manual_seed(seed)
-                return self.transform(image)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
+        with seeded_generators(seed):
+            return self.transform(image)
 
 
 def timm_data_config(model: torch.nn.Module, image_size: int) -> dict:

@@ -102,6 +102,7 @@ class TargetConfig:
     crop_padding: int = 4
     hflip: bool = True
     noise_augment: float = 0.0  # largest std of Gaussian pixel noise added to training images (0: none)
+    augmix: int = 0  # AugMix's severity on training images (0: none)
     augment: str | None = None  # reference or timm; default: timm with --pretrained, else reference
     auto_augment: str | None = None
     loader: str = "auto"
@@ -161,8 +162,9 @@ class TargetConfig:
         kind = self.augment or ("timm" if self.pretrained else "reference")
         if kind not in TRANSFORMS:
             raise ValueError(f"--augment {kind!r}: choose from {', '.join(TRANSFORMS)}")
-        if self.noise_augment and kind != "reference":
-            raise ValueError("--noise-augment adds its noise in the reference augmentation: pass --augment reference")
+        if (self.noise_augment or self.augmix) and kind != "reference":
+            raise ValueError("--noise-augment and --augmix extend the reference augmentation: pass --augment "
+                             "reference (with --augment timm, --auto-augment augmix-m3-w3 is timm's own)")  # fmt: skip
         return kind
 
     def output_dir(self) -> Path:
@@ -291,7 +293,7 @@ def prepare_data(
         raise ValueError("--augment timm decodes each image in a loader worker: use --loader stream (or auto)")
     if not streamed:
         return selected.materialise(cfg.image_size, False)
-    aug = aug or Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment)
+    aug = aug or Augmentation(cfg.crop_padding, cfg.hflip, noise=cfg.noise_augment, augmix=cfg.augmix)
     if kind == "timm":
         if model is None:
             model = timm.create_model(cfg.model, pretrained=False, num_classes=len(selected.class_names))
@@ -380,7 +382,7 @@ def train_target(cfg: TargetConfig, command: str = "") -> dict | None:
     selected = select_target_data(cfg)
     torch.manual_seed(seed_for(cfg.seed, "model"))
     model, attached = build_model(replace(cfg, device=str(device)), len(selected.class_names))
-    aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg), noise=cfg.noise_augment)
+    aug = Augmentation(cfg.crop_padding, cfg.hflip, *pixel_statistics(model, cfg), cfg.noise_augment, cfg.augmix)
     train, test = prepare_data(cfg, model, aug, selected, world)
     synchronised_noise = world > 1 and cfg.sync_stats and "metaperturb" in attached
     if world > 1 and not cfg.sync_stats:  # each process its own noise (and masks, and mixing), like dropout
