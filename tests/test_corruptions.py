@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from timm_metaperturb.training.corruptions import CORRUPTIONS, FAMILIES, corrupt, reference_package
+from timm_metaperturb.training.corruptions import (
+    CORRUPTIONS,
+    FAMILIES,
+    corrupt,
+    corrupt_each,
+    corruption_types,
+    reference_package,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +84,26 @@ def test_sets_are_made_once_and_read_back_from_the_cache(grey, tmp_path, monkeyp
     other[0, :, 0, 0] += 1
     with pytest.raises(RuntimeError, match="made again"):  # other images are another set
         corruptions.corrupted_sets(other, cache=tmp_path)
+
+
+def test_families_and_types_name_the_types_once_and_bad_names_are_refused():
+    assert corruption_types("noise, motion_blur,shot_noise") == ["gaussian_noise", "shot_noise", "impulse_noise",
+                                                                 "motion_blur"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown corruption type or family 'rain'.*families noise"):
+        corruption_types("noise,rain")
+    with pytest.raises(ValueError, match="no corruption type"):
+        corruption_types(" , ")
+
+
+def test_corrupt_each_draws_one_type_and_severity_per_image(grey):
+    images = grey.repeat(5, 1, 1, 1)  # 30 images
+    once = corrupt_each(images, ["gaussian_noise", "contrast"], seed=3)
+    assert torch.equal(once, corrupt_each(images, ["gaussian_noise", "contrast"], seed=3)), "seeded"
+    assert not torch.equal(once, corrupt_each(images, ["gaussian_noise", "contrast"], seed=4))
+    assert bool((once != images).flatten(1).any(1).all()), "every image is corrupted"
+
+    def roughness(x):
+        return (x[..., 1:].float() - x[..., :-1].float()).abs().flatten(1).mean(1)
+
+    noisy = roughness(once) > roughness(images)  # noise roughens an image, lower contrast smooths it
+    assert 0 < int(noisy.sum()) < len(images), "both types are drawn"

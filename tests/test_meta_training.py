@@ -245,3 +245,18 @@ def test_a_collapsed_validation_is_warned_with_what_to_do():
     assert "rose from 2.30 at step 50 to 7.97 at step 80" in warning and "--seed" in warning
     assert "up to step 50" in warning
     assert collapse_warning([]) is None
+
+
+def test_corrupted_validation_changes_phi_and_is_on_its_card(tmp_path, images):
+    common = ["--dataset", images, *TINY[:2], "--image-size", "32", *TINY[4:], "--steps", "2"]
+    plain = run_python(["train/meta.py", *common, "--output", tmp_path / "plain"])
+    corrupted = run_python(["train/meta.py", *common, "--val-corruptions", "noise,motion_blur", "--output",
+                            tmp_path / "corrupted"])  # fmt: skip
+    assert plain.returncode == 0 and corrupted.returncode == 0, corrupted.stderr
+    a, b = _phi(tmp_path / "plain"), _phi(tmp_path / "corrupted")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "φ learns from the corrupted validation images"
+    assert (
+        "| validation images corrupted by | noise,motion_blur |" in (tmp_path / "corrupted/phi/README.md").read_text()
+    )
+    typo = run_python(["train/meta.py", *common, "--val-corruptions", "nosie", "--output", tmp_path / "typo"])
+    assert typo.returncode != 0 and "unknown corruption type or family 'nosie'" in typo.stderr

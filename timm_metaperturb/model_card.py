@@ -3,8 +3,8 @@ how to use it) and `network_model_card` for a network trained with it.
 
 What the card says of a φ's origin comes from `phi.provenance`, a JSON-able dict saved in config.json:
 `title`, `origin`, `source_dataset`, `dataset_id` (a Hub dataset id, for the metadata), `source_classes`,
-`train_per_class`, `val_split`, `init_phi`, `tasks`, `source_model`, `steps`, `seed`, `command`, `wall_time`,
-`machine`, `notes`, and `results`, a list of rows (dicts with the same keys) of transfer results, each saying
+`train_per_class`, `val_split`, `val_corruptions`, `init_phi`, `tasks`, `source_model`, `steps`, `seed`, `command`,
+`wall_time`, `machine`, `notes`, and `results`, a list of rows (dicts with the same keys) of transfer results, each saying
 whether it was measured or reported.
 """
 
@@ -18,6 +18,7 @@ MADE_BY = (
     ("source_classes", "source classes"),
     ("train_per_class", "training images per class in each task (at most)"),
     ("val_split", "tasks validate on the source's split"),
+    ("val_corruptions", "validation images corrupted by"),
     ("init_phi", "meta-training started from the φ"),
     ("tasks", "meta-training tasks"),
     ("source_model", "source network"),

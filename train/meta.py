@@ -30,6 +30,9 @@ HELP = {
     "dataset_split": "the dataset split to meta-train on",
     "val_split": "validate each task on this split of its classes instead of its own held-out half, e.g. test for "
     "the glyph sources (drawn in other fonts): φ learns to regularise for a style shift",
+    "val_corruptions": "corrupt every validation image once with one of these corruption types or families (e.g. "
+    "noise,blur; imagecorruptions, needs the robustness extra and 32 px images): φ learns to make networks robust "
+    "to them",
     "classes": "class subset to meta-train on, e.g. 0-4 (hold the rest out for evaluation); default all",
     "groups": "number of class groups G; there are 2G tasks",
     "extra_sources": "more source datasets, each DATASET:CLASSES:GROUPS (CLASSES empty for all), e.g. "

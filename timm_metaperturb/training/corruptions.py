@@ -130,6 +130,34 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     return out.contiguous()
 
 
+def corruption_types(names: str) -> list[str]:
+    """The types named in a comma-separated list of types and families, e.g. "noise,motion_blur"."""
+    types = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name not in FAMILIES and name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption type or family {name!r}: choose from the families "
+                             f"{', '.join(FAMILIES)} or the types {', '.join(CORRUPTIONS)}")  # fmt: skip
+        types += [t for t in FAMILIES.get(name, (name,)) if t not in types]
+    if not types:
+        raise ValueError("no corruption type named: give types or families, e.g. noise,blur")
+    return types
+
+
+def corrupt_each(images: torch.Tensor, types: list[str], seed: int) -> torch.Tensor:
+    """Every image corrupted once, by a type from `types` and a severity drawn for it from `seed`: a set with
+    every type and severity in it, the same for the same seed (meta-training's corrupted validation images)."""
+    generator = torch.Generator().manual_seed(seed % 2**63)
+    kind = torch.randint(len(types), (len(images),), generator=generator)
+    severity = torch.randint(1, len(SEVERITIES) + 1, (len(images),), generator=generator)
+    out = images.clone()
+    for k, name in enumerate(types):
+        for level in SEVERITIES:
+            chosen = torch.nonzero((kind == k) & (severity == level)).flatten()
+            if len(chosen):
+                out[chosen] = corrupt(images[chosen], name, level, seed_for(seed, name, level))
+    return out
+
+
 def cache_dir() -> Path:
     """Where corrupted test sets are kept: $TIMM_METAPERTURB_CACHE/corruptions, else under ~/.cache."""
     root = os.environ.get("TIMM_METAPERTURB_CACHE") or Path.home() / ".cache" / "timm_metaperturb"

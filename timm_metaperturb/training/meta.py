@@ -28,6 +28,7 @@ from ..injection import get_injection, inject_metaperturb
 from ..loading import load_phi
 from ..phi import MetaPerturb
 from .checkpoints import STATE_FILE, check_resumable, load_checkpoint_file, save_checkpoint_file
+from .corruptions import corrupt_each, corruption_types
 from .cpu_memory import keep_freed_memory
 from .data import (
     Augmentation,
@@ -51,6 +52,7 @@ class MetaTrainConfig:
     dataset: str = "fashion_mnist"
     dataset_split: str = "train"
     val_split: str | None = None  # validation images from this split of each source (default: the task's own half)
+    val_corruptions: str | None = None  # corrupt every validation image with one of these types or families
     classes: str | None = None
     groups: int = 5
     extra_sources: list[str] = field(default_factory=list)  # "DATASET:CLASSES:GROUPS", tasks of their own
@@ -125,6 +127,9 @@ class TaskRunner:
         params = [p for n, p in self.net.named_parameters() if not n.startswith("metaperturb.")]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.images = {"train": data.images[task.train], "val": data.images[task.val]}
+        if cfg.val_corruptions:
+            seed = seed_for(cfg.seed, "val-corruptions", task.index)
+            self.images["val"] = corrupt_each(self.images["val"], corruption_types(cfg.val_corruptions), seed)
         self.labels = {"train": task.remap(data.labels[task.train]), "val": task.remap(data.labels[task.val])}
         self.samplers = {
             split: EpochSampler(len(self.labels[split]), cfg.batch_size, seed_for(cfg.seed, "data", split, task.index))
@@ -293,6 +298,8 @@ def phi_parameter_groups(phi: MetaPerturb, cfg: MetaTrainConfig) -> list[dict]:
 def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPerturb:
     """Run (or resume) meta-training; on the main process, write `output/phi` (hub format) and `output/run.json`."""
     _check_model(cfg.model)
+    if cfg.val_corruptions:
+        corruption_types(cfg.val_corruptions)  # a misspelt type fails before the data is loaded
     started = time.time()
     if accelerator.device.type == "cpu":
         keep_freed_memory()
@@ -408,6 +415,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "source_classes": " + ".join(s[1] or "all" for s in sources),
         "train_per_class": cfg.train_per_class,
         "val_split": cfg.val_split,
+        "val_corruptions": cfg.val_corruptions,
         "init_phi": cfg.init_phi,
         "tasks": len(tasks),
         "source_model": cfg.model,
