@@ -4,8 +4,8 @@ how to use it) and `network_model_card` for a network trained with it.
 What the card says of a φ's origin comes from `phi.provenance`, a JSON-able dict saved in config.json:
 `title`, `origin`, `source_dataset`, `dataset_id` (a Hub dataset id, for the metadata), `source_classes`,
 `train_per_class`, `val_split`, `val_corruptions`, `init_phi`, `tasks`, `source_model`, `steps`, `seed`, `command`,
-`wall_time`, `machine`, `notes`, and `results`, a list of rows (dicts with the same keys) of transfer results, each saying
-whether it was measured or reported.
+`wall_time`, `machine`, `notes`, and `results`, a list of rows (dicts with the same keys) of transfer results, each
+saying whether it was measured or reported.
 """
 
 from __future__ import annotations
