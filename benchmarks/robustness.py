@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="seed 0, resnet20 on Fashion-MNIST 5-9")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", help="only these rows, e.g. base,metaperturb")
+    parser.add_argument(
+        "--phi-row", action="append", default=[], metavar="NAME=PATH", help="add a row metaperturb-NAME with this φ"
+    )
     parser.add_argument("--cells", help="only these target:network cells, e.g. digits:conv4")
     parser.add_argument("--images", type=int, default=IMAGES, help="test images per cell under each corruption")
     parser.add_argument("--adversarial", type=int, default=0, help="test images per cell under PGD (0: no attack)")
@@ -132,7 +135,10 @@ def main(argv: list[str] | None = None) -> str:
         if unknown := [c for c in wanted if c not in ROBUSTNESS_CELLS]:
             parser.error(f"unknown cells {unknown}; choose from {', '.join(f'{t}:{n}' for t, n in ROBUSTNESS_CELLS)}")
         cells = wanted
-    table_rows = rows(args.authors_phi if args.authors_phi.is_file() else None, {}, ablation=False) | ANCHORS
+    phis = dict(item.split("=", 1) for item in args.phi_row if "=" in item)
+    if len(phis) != len(args.phi_row):
+        parser.error("--phi-row takes NAME=PATH, e.g. robust=outputs/meta-robust/phi")
+    table_rows = rows(args.authors_phi if args.authors_phi.is_file() else None, phis, ablation=False) | ANCHORS
     if args.rows:
         if unknown_rows := set(args.rows.split(",")) - set(table_rows):
             parser.error(f"unknown rows {unknown_rows}; choose from {', '.join(table_rows)}")

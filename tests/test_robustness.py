@@ -26,8 +26,13 @@ def test_columns_and_mce_against_base(tmp_path):
     summary = run_summary(json.loads((run_dir(tmp_path, cell, "metaperturb", 0) / "run.json").read_text()))
     assert summary[("accuracy", "noise")] == 80.0 and summary[("accuracy", "corrupted")] == 80.0
     assert summary[("errors", "gaussian_noise")] == 100.0 and summary[("ece", "blur")] == 2.0
+    write_run(tmp_path, cell, "metaperturb-robust", 0, clean=89.0, noisy=70.0, other=80.0)
     text = main(["--quick", "--table-only", "--rows", "base,metaperturb", "--runs-dir", str(tmp_path),
                  "--results", str(tmp_path / "R.md")])  # fmt: skip
+    assert "metaperturb-robust" not in text
+    robust = main(["--quick", "--table-only", "--phi-row", "robust=elsewhere/phi", "--rows", "base,metaperturb-robust",
+                   "--runs-dir", str(tmp_path), "--results", str(tmp_path / "R.md")])  # fmt: skip
+    assert "| metaperturb-robust | 89.00 ± 0.00 |" in robust
     lines = text.splitlines()
     base_accuracy, base_calibration, _ = [line for line in lines if line.startswith("| base |")]
     phi_accuracy, phi_calibration, phi_pgd = [line for line in lines if line.startswith("| metaperturb |")]
