@@ -11,11 +11,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..injection import ATTRIBUTE, MetaPerturbInjection, eval_noise_as
-from .corruptions import held_out_subset
+from ..injection import eval_noise_as
 from .data import Augmentation, seed_for
-from .evaluation import recalibrated
-from .streaming import StreamedImages
+from .evaluation import has_phi, held_out_test, recalibrated
 
 EPSILONS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
@@ -54,17 +52,15 @@ def adversarial_accuracy(model: nn.Module, test, aug: Augmentation, train, count
             "requests 2.25 would break huggingface_hub; it needs none of requests' newer versions)"
         ) from error
 
-    if isinstance(test, StreamedImages):
-        raise ValueError("the adversarial evaluation needs the test images in memory: run with --loader memory")
-    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
+    phi = has_phi(model)
     if eot and not phi:
         raise ValueError("EOT-PGD is for MetaPerturb's sampled evaluation; a deterministic network takes eot=0")
-    keep = held_out_subset(count, len(test))
+    images, labels = held_out_test(test, count, "adversarial")
     device = next(model.parameters()).device
-    images, labels = (test.images[keep].float() / 255).to(device), test.labels[keep].to(device)
+    images, labels = (images.float() / 255).to(device), labels.to(device)
     wrapped = OnUnitImages(model, aug)
     passes = max(eot, 1)
-    results = {"images": len(keep), "steps": steps, "restarts": restarts, "eot": eot, "accuracy": {}}
+    results = {"images": len(labels), "steps": steps, "restarts": restarts, "eot": eot, "accuracy": {}}
     with eval_noise_as(model, "sample" if eot else "mean") if phi else nullcontext(), recalibrated(model, train, aug):
         wrapped.eval()
         torch.manual_seed(seed_for("adversarial", seed) % 2**63)

@@ -216,7 +216,7 @@ class Augmentation:
 
 def normalise(images: torch.Tensor, aug: Augmentation, draws: CropFlip | None = None) -> torch.Tensor:
     """uint8 images (..., C, H, W) to floats normalised with `aug`'s mean and std (numbers, or one per channel);
-    training images with their `draws` also get their pixel noise, if the augmentation adds any."""
+    training images with their `draws` also get their AugMix and pixel noise, if the augmentation adds them."""
     mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) if isinstance(v, tuple) else v
                  for v in (aug.mean, aug.std))  # fmt: skip
     seeds = None if draws is None else draws.image_seed

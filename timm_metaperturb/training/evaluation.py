@@ -136,13 +136,25 @@ def unfit_warning(losses: dict[str, float]) -> str | None:
     )
 
 
+def has_phi(model: nn.Module) -> bool:
+    return isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
+
+
+def held_out_test(test, count: int, evaluation: str) -> tuple[Tensor, Tensor]:
+    """(uint8 images, labels) of the `count` test images the corrupted and adversarial evaluations share."""
+    if isinstance(test, StreamedImages):
+        raise ValueError(f"the {evaluation} evaluation needs the test images in memory: run with --loader memory")
+    keep = held_out_subset(count, len(test))
+    return test.images[keep], test.labels[keep]
+
+
 def evaluate_modes(model: nn.Module, test, aug: Augmentation, modes: list[str], train=None) -> dict[str, dict]:
     """Test metrics under several evaluations. With MetaPerturb: "N" = Monte-Carlo average of N sampled passes
     (the largest N's passes shared by the smaller ones), "mean" = one pass with the noise replaced by its
     expectation, "mean-bn" = the same after re-estimating batch norm's statistics in that mode on `train` (see
     `recalibrate_batchnorm`); keys "sample-N", "mean", "mean-bn". Without it (baselines): "final" and, for
     "mean-bn", "final-bn" (the deterministic pass after the same re-estimation). The model is left as it was."""
-    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
+    phi = has_phi(model)
     if "mean-bn" in modes and train is None:
         raise ValueError("the 'mean-bn' evaluation needs the training images")
     results, total = {}, None
@@ -167,14 +179,10 @@ def evaluate_corrupted(model: nn.Module, test, aug: Augmentation, train, count: 
     """The tables' default evaluation (one deterministic pass, noise at its expectation, batch norm re-estimated on
     `train`) on `count` of the test images, clean and under every corruption type and severity (`corruptions.py`):
     {"images": n, "clean": metrics, "corrupted": {type: {severity: metrics}}}. The model is left as it was."""
-    if isinstance(test, StreamedImages):
-        raise ValueError("the corrupted evaluation needs the test images in memory: run with --loader memory")
-    keep = held_out_subset(count, len(test))
-    images, labels = test.images[keep], test.labels[keep]
+    images, labels = held_out_test(test, count, "corrupted")
     sets = {("clean", 0): images, **corrupted_sets(images, cache=cache)}
-    phi = isinstance(getattr(model, ATTRIBUTE, None), MetaPerturbInjection)
-    results: dict = {"images": len(keep), "corrupted": {}}
-    with eval_noise_as(model, "mean") if phi else nullcontext(), recalibrated(model, train, aug):
+    results: dict = {"images": len(labels), "corrupted": {}}
+    with eval_noise_as(model, "mean") if has_phi(model) else nullcontext(), recalibrated(model, train, aug):
         for (name, severity), corrupted in sets.items():
             probs = predict_proba(model, ImageTensors(corrupted, labels, test.class_names), aug)
             metrics = classification_metrics(probs, labels)

@@ -340,10 +340,11 @@ def meta_train(cfg: MetaTrainConfig, accelerator, command: str = "") -> MetaPert
     everyone = accelerator.gather(flat_phi[None])
     identical = bool((everyone == everyone[0]).all())
     if accelerator.is_main_process:
-        if warning := collapse_warning(history):
+        run_warnings = [w] if (w := collapse_warning(history)) else []
+        for warning in run_warnings:
             warnings.warn(warning, stacklevel=2)
         wall_time = elapsed + time.time() - started
-        _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, wall_time, command)
+        _write_outputs(cfg, phi, tasks, history, identical, accelerator.num_processes, wall_time, command, run_warnings)
     accelerator.end_training()
     return phi
 
@@ -405,7 +406,7 @@ def _resume(cfg: MetaTrainConfig, phi: MetaPerturb, phi_optimizer, runners) -> t
     return state["step"], state["history"], state.get("elapsed", 0.0)  # checkpoints of older versions lack it
 
 
-def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command) -> None:
+def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, command, run_warnings) -> None:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     sources = cfg.sources()
@@ -432,7 +433,7 @@ def _write_outputs(cfg, phi, tasks, history, identical, world_size, wall_time, c
         "world_size": world_size,
         **run_environment(),
         "phi_identical_across_processes": identical,
-        "warnings": [w] if (w := collapse_warning(history)) else [],
+        "warnings": run_warnings,
         "wall_time_s": wall_time,
         "tasks": [
             {"index": t.index, "classes": list(t.classes), "train": len(t.train), "val": len(t.val)} for t in tasks
